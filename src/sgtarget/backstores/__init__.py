@@ -1,0 +1,1 @@
+"""Storage behind a LUN, registered by kind name."""

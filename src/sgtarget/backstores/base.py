@@ -1,0 +1,76 @@
+"""The backstore interface and the registry of backstore kinds by name.
+
+A backstore is byte-addressed storage of a fixed size. Its I/O methods take lists of buffers
+(pool views) so payload moves with ``os.preadv``/``os.pwritev`` and never through a temporary.
+They may block: the caller runs them in a thread pool unless ``blocking`` is False (RAM, null),
+in which case they are cheap enough to run inline on the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+Buffers = Sequence[memoryview]
+
+
+class BackstoreError(Exception):
+    """An I/O failure of the medium; the SCSI layer answers MEDIUM ERROR."""
+
+
+class Backstore(abc.ABC):
+    """Fixed-size byte-addressed storage."""
+
+    #: Registry name used in ``--lun KIND:...``.
+    kind: ClassVar[str]
+    #: True when read/write may block on I/O and must run off the event loop.
+    blocking: ClassVar[bool] = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    @abc.abstractmethod
+    def readv(self, offset: int, bufs: Buffers) -> int:
+        """Fill ``bufs`` from ``offset``; returns bytes read (always all of them)."""
+
+    @abc.abstractmethod
+    def writev(self, offset: int, bufs: Buffers) -> int:
+        """Store ``bufs`` at ``offset``; returns bytes written (always all of them)."""
+
+    def flush(self) -> None:  # noqa: B027 - RAM and null have nothing to flush
+        """Make written data durable (SYNCHRONIZE CACHE, FUA)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release resources; flushes first where that matters."""
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.size} bytes)"
+
+
+BackstoreFactory = Callable[[dict[str, str]], Backstore]
+_REGISTRY: dict[str, BackstoreFactory] = {}
+
+
+def register(kind: str) -> Callable[[BackstoreFactory], BackstoreFactory]:
+    """Class or function decorator that makes a backstore available as ``--lun KIND:...``."""
+
+    def deco(factory: BackstoreFactory) -> BackstoreFactory:
+        _REGISTRY[kind] = factory
+        return factory
+
+    return deco
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(kind: str, params: dict[str, str]) -> Backstore:
+    try:
+        factory = _REGISTRY[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown backstore kind {kind!r} (known: {', '.join(registered_kinds())})"
+        ) from None
+    return factory(params)

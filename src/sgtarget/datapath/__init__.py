@@ -1,0 +1,14 @@
+"""Payload memory: the budgeted pool, scatter lists and iterators. Knows nothing of SCSI."""
+
+from sgtarget.datapath.pool import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_SIZE, Pool, PoolExhausted
+from sgtarget.datapath.sglist import BytesLike, ScatterList, SGIter
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_POOL_SIZE",
+    "BytesLike",
+    "Pool",
+    "PoolExhausted",
+    "SGIter",
+    "ScatterList",
+]

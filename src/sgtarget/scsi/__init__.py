@@ -1,0 +1,1 @@
+"""SCSI semantics without transport: CDB decoding, SPC/SBC emulation, sense data."""

@@ -1,0 +1,119 @@
+"""What a transport hands the SCSI layer: a task and a channel to move its data.
+
+The SCSI layer never sees PDUs or sockets. A frontend (iSCSI today, vhost-user later) fills a
+``Task`` from its command, gives the SCSI target a ``DataChannel`` that moves data between the
+initiator and pool scatter lists, and reads ``status``/``sense`` and ``transfer_length`` back when
+``ScsiTarget.execute`` returns.
+
+Residuals are the transport's business but need the SCSI view: ``transfer_length`` is the number
+of bytes the command wanted to move according to its CDB (SPDTL). The transport compares it with
+the initiator's expected length (EDTL) and reports overflow or underflow.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from sgtarget.datapath import ScatterList
+
+T = TypeVar("T")
+
+
+class DataDirection(enum.IntEnum):
+    NONE = 0
+    #: Data-In: target to initiator (READ, INQUIRY, ...).
+    READ = 1
+    #: Data-Out: initiator to target (WRITE, ...).
+    WRITE = 2
+    BIDI = 3
+
+
+class Nexus:
+    """An I_T nexus: one initiator port talking to one target port.
+
+    Unit attentions and (later) reservations are kept per nexus. ``key`` identifies it
+    stably across reconnects of the same initiator session (iSCSI: initiator name + ISID).
+    """
+
+    __slots__ = ("initiator", "key")
+
+    def __init__(self, initiator: str, key: str) -> None:
+        self.initiator = initiator
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Nexus({self.key!r})"
+
+
+class Task:
+    """Per-command state the SCSI layer sees. Slotted and reusable (``reset``)."""
+
+    __slots__ = (
+        "aborted",
+        "cdb",
+        "direction",
+        "expected_length",
+        "lun",
+        "nexus",
+        "sense",
+        "status",
+        "tag",
+        "transfer_length",
+    )
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.cdb: bytes = b""
+        #: The 8-byte SAM LUN field as sent by the initiator.
+        self.lun: bytes = bytes(8)
+        self.direction = DataDirection.NONE
+        #: EDTL: bytes the initiator expects to transfer.
+        self.expected_length = 0
+        #: SPDTL: bytes the CDB asked to transfer; set by the SCSI layer.
+        self.transfer_length = 0
+        self.tag = 0
+        self.nexus: Nexus | None = None
+        self.status = 0
+        self.sense: bytes = b""
+        #: Set by task management; the LU stops at its next await point.
+        self.aborted = False
+
+
+class DataChannel(Protocol):
+    """Moves a task's data between the initiator and pool scatter lists.
+
+    Offsets are byte offsets within the command's data buffer (iSCSI's Buffer Offset). Both
+    directions clip to the initiator's expected length: ``send`` drops bytes past it, ``receive``
+    returns fewer bytes than asked.
+    """
+
+    async def alloc(self, nbytes: int) -> ScatterList:
+        """Pool blocks for ``nbytes``; raises ``PoolExhausted`` when none can be had."""
+        ...
+
+    async def receive(self, sg: ScatterList, offset: int, length: int) -> int:
+        """Fill ``sg[0:length]`` with Data-Out bytes at buffer ``offset``; returns bytes received."""
+        ...
+
+    async def send(self, sg: ScatterList, offset: int, length: int, *, last: bool) -> None:
+        """Send ``sg[0:length]`` as Data-In at buffer ``offset``. Takes ownership of ``sg``.
+
+        ``last`` marks the final data of the command, letting the transport fold the status
+        into it.
+        """
+        ...
+
+
+class BlockingRunner(Protocol):
+    """Runs a blocking backstore call: a thread pool in the server, inline in tests."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+async def run_inline(fn: Callable[..., T], /, *args: Any) -> T:
+    """A ``BlockingRunner`` for non-blocking backstores and tests."""
+    return fn(*args)

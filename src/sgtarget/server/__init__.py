@@ -1,0 +1,1 @@
+"""asyncio glue: portals, protocol adapters, timers, daemon lifecycle."""

@@ -95,8 +95,15 @@ class DataChannel(Protocol):
         """Pool blocks for ``nbytes``; raises ``PoolExhausted`` when none can be had."""
         ...
 
-    async def receive(self, sg: ScatterList, offset: int, length: int) -> int:
-        """Fill ``sg[0:length]`` with Data-Out bytes at buffer ``offset``; returns bytes received."""
+    async def receive(self, offset: int, length: int) -> ScatterList:
+        """Data-Out bytes ``[offset, offset + length)`` of the command's buffer.
+
+        The transport owns where payload lands: immediate and unsolicited data are already in
+        pool blocks when the command starts, and solicited data is received straight into
+        blocks it allocates, so the bytes are never copied. The caller owns the returned list
+        and releases it. It is shorter than ``length`` when the initiator's expected length
+        ends earlier. Raises ``PoolExhausted`` when no blocks can be had.
+        """
         ...
 
     async def send(self, sg: ScatterList, offset: int, length: int, *, last: bool) -> None:

@@ -1,0 +1,221 @@
+"""``file``: a regular file served with ``os.preadv``/``os.pwritev`` straight into pool views.
+
+``--lun file:PATH[,size=SIZE]``. With ``size`` the file is created if missing (mode 0o644) and
+grown sparsely with ``ftruncate``; an existing larger file is never shrunk. Without ``size`` the
+file must exist and its size is used. An exclusive ``flock`` keeps two sgtarget processes from
+serving the same file (advisory: it does not stop other programs).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, register
+from sgtarget.cli.specs import check_params, parse_size
+
+SECTOR = 512
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+if _IOV_MAX <= 0:  # "no limit" from sysconf; Linux never says so, stay within its 1024
+    _IOV_MAX = 1024
+_NOWAIT_MISS = frozenset({errno.EAGAIN, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def _skip(bufs: Buffers, n: int) -> Buffers:
+    """``bufs`` without its first ``n`` bytes: whole buffers dropped, the next one sliced."""
+    i = 0
+    while n:
+        view = bufs[i]
+        size = view.nbytes
+        if n < size:
+            view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+            return [view[n:], *bufs[i + 1 :]]
+        n -= size
+        i += 1
+    return bufs[i:]
+
+
+def _batch(bufs: Buffers) -> Buffers:
+    # The kernel refuses more than IOV_MAX vectors; the rest is sent as a "short" transfer.
+    return bufs[:_IOV_MAX] if len(bufs) > _IOV_MAX else bufs
+
+
+class FileBackstore(Backstore):
+    """A regular file of ``size`` bytes, locked for exclusive use while open."""
+
+    kind = "file"
+    blocking = True
+
+    def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
+        self.path = os.fspath(path)
+        if size is not None and (size <= 0 or size % SECTOR):
+            raise ValueError(f"file: size {size} is not a positive multiple of {SECTOR}")
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            if size is None:
+                raise ValueError(
+                    f"file: {self.path} does not exist (give size= to create it)"
+                ) from None
+            raise BackstoreError(f"file: cannot create {self.path}: directory missing") from None
+        except OSError as exc:
+            raise BackstoreError(f"file: cannot open {self.path}: {_why(exc)}") from exc
+        try:
+            self._lock(fd)
+            super().__init__(self._fit(fd, size))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackstoreError(
+                f"file: {self.path} is already in use (locked by another process)"
+            ) from None
+        except OSError as exc:
+            raise BackstoreError(f"file: cannot lock {self.path}: {_why(exc)}") from exc
+
+    def _fit(self, fd: int, size: int | None) -> int:
+        """The served size; grows the file sparsely up to ``size`` when it is smaller."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"file: {self.path} is not a regular file")
+        if size is None:
+            if st.st_size <= 0 or st.st_size % SECTOR:
+                raise ValueError(
+                    f"file: {self.path} is {st.st_size} bytes, not a positive multiple of "
+                    f"{SECTOR} (give size= to grow it)"
+                )
+            return st.st_size
+        if st.st_size > size:
+            raise ValueError(
+                f"file: {self.path} is {st.st_size} bytes, larger than size={size}; "
+                "refusing to shrink it"
+            )
+        if st.st_size < size:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                raise BackstoreError(
+                    f"file: cannot grow {self.path} to {size} bytes: {_why(exc)}"
+                ) from exc
+        return size
+
+    def _extent(self, offset: int, bufs: Buffers) -> int:
+        total = sum(b.nbytes for b in bufs)
+        if offset < 0 or offset + total > self.size:
+            raise BackstoreError(
+                f"file: {offset}+{total} out of range for {self.path} ({self.size} bytes)"
+            )
+        return total
+
+    def readv(self, offset: int, bufs: Buffers) -> int:
+        total = self._extent(offset, bufs)
+        done = 0
+        while done < total:
+            try:
+                n = os.preadv(self._fd, _batch(bufs), offset + done)
+            except OSError as exc:
+                raise self._error("read", offset + done, total - done, exc) from exc
+            if n == 0:
+                raise BackstoreError(
+                    f"file: end of file at {offset + done} reading {self.path} "
+                    f"(expected {self.size} bytes; truncated by someone else?)"
+                )
+            done += n
+            if done < total:
+                bufs = _skip(bufs, n)
+        return total
+
+    def writev(self, offset: int, bufs: Buffers) -> int:
+        total = self._extent(offset, bufs)
+        done = 0
+        while done < total:
+            try:
+                n = os.pwritev(self._fd, _batch(bufs), offset + done)
+            except OSError as exc:
+                raise self._error("write", offset + done, total - done, exc) from exc
+            if n == 0:
+                raise BackstoreError(f"file: wrote nothing at {offset + done} to {self.path}")
+            done += n
+            if done < total:
+                bufs = _skip(bufs, n)
+        return total
+
+    def read_nowait(self, offset: int, bufs: Buffers) -> int | None:
+        """``readv`` served from the page cache only, without blocking; ``None`` if it cannot.
+
+        All or nothing: ``None`` means part of the range is not cached (or RWF_NOWAIT is not
+        supported here) and the caller must run ``readv`` in a thread; the buffers may then hold
+        a prefix of the data, which ``readv`` overwrites.
+        """
+        flag = getattr(os, "RWF_NOWAIT", None)
+        if flag is None:
+            return None
+        total = self._extent(offset, bufs)
+        done = 0
+        while done < total:
+            try:
+                n = os.preadv(self._fd, _batch(bufs), offset + done, flag)
+            except OSError as exc:
+                if exc.errno in _NOWAIT_MISS:
+                    return None
+                raise self._error("read", offset + done, total - done, exc) from exc
+            if n == 0:
+                raise BackstoreError(f"file: end of file at {offset + done} reading {self.path}")
+            done += n
+            if done < total:
+                bufs = _skip(bufs, n)
+        return total
+
+    def _error(self, op: str, offset: int, length: int, exc: OSError) -> BackstoreError:
+        return BackstoreError(
+            f"file: {op} of {length} bytes at {offset} on {self.path}: {_why(exc)}"
+        )
+
+    def flush(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise BackstoreError(f"file: fdatasync of {self.path}: {_why(exc)}") from exc
+
+    def close(self) -> None:
+        """Flush, unlock and close; idempotent. The lock and fd are released even if the
+        flush fails, and the flush error is raised afterwards."""
+        fd = self._fd
+        if fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            self._fd = -1
+            # Unlock explicitly: a forked child sharing the open file would keep the lock alive.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def describe(self) -> str:
+        return f"file {self.path} ({self.size} bytes)"
+
+
+def _why(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    return f"[Errno {exc.errno} {name}] {exc.strerror}"
+
+
+@register("file")
+def create_file(params: dict[str, str]) -> FileBackstore:
+    check_params("file", params, ("path", "size"), required=("path",))
+    size = parse_size(params["size"]) if "size" in params else None
+    return FileBackstore(params["path"], size)

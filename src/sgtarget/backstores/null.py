@@ -1,0 +1,56 @@
+"""``null``: discards writes, reads zeros (``--lun null:size=SIZE``); for benchmarks and tests.
+
+Reads must overwrite the buffers: pool blocks are recycled, and leaving their old bytes in place
+would hand one initiator data from another's command.
+"""
+
+from __future__ import annotations
+
+from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, register
+from sgtarget.cli.specs import check_params, parse_size
+
+SECTOR = 512
+# Zeroing from a shared constant avoids allocating a zero buffer as large as each read.
+_ZEROS = memoryview(bytes(64 * 1024))
+
+
+def _bytes(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class NullBackstore(Backstore):
+    """``size`` bytes that read as zeros and forget what is written."""
+
+    kind = "null"
+    blocking = False
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % SECTOR:
+            raise ValueError(f"null: size {size} is not a positive multiple of {SECTOR}")
+        super().__init__(size)
+
+    def _extent(self, offset: int, bufs: Buffers) -> int:
+        total = sum(b.nbytes for b in bufs)
+        if offset < 0 or offset + total > self.size:
+            raise BackstoreError(f"null: {offset}+{total} out of range ({self.size} bytes)")
+        return total
+
+    def readv(self, offset: int, bufs: Buffers) -> int:
+        total = self._extent(offset, bufs)
+        chunk = len(_ZEROS)
+        for buf in bufs:
+            view = _bytes(buf)
+            n = len(view)
+            for pos in range(0, n, chunk):
+                end = min(pos + chunk, n)
+                view[pos:end] = _ZEROS[: end - pos]
+        return total
+
+    def writev(self, offset: int, bufs: Buffers) -> int:
+        return self._extent(offset, bufs)
+
+
+@register("null")
+def create_null(params: dict[str, str]) -> NullBackstore:
+    check_params("null", params, ("size",), required=("size",))
+    return NullBackstore(parse_size(params["size"]))

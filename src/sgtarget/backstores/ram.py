@@ -1,0 +1,77 @@
+"""``ram``: volatile storage in an anonymous private mapping (``--lun ram:size=SIZE``).
+
+The kernel hands out zero pages lazily, so an unwritten RAM disk costs no memory; a size larger
+than the kernel is willing to commit fails at creation instead of at the first write. Reads and
+writes copy between the mapping and the buffers: that copy is the storage itself.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, register
+from sgtarget.cli.specs import check_params, format_size, parse_size
+
+SECTOR = 512
+
+
+def _bytes(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class RamBackstore(Backstore):
+    """``size`` bytes of anonymous memory, zero-filled on creation."""
+
+    kind = "ram"
+    blocking = False
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % SECTOR:
+            raise ValueError(f"ram: size {size} is not a positive multiple of {SECTOR}")
+        super().__init__(size)
+        try:
+            # Private, not shared: nothing else should see it, and the kernel can refuse an
+            # absurd size up front under its overcommit heuristic.
+            self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, OverflowError) as exc:
+            raise BackstoreError(f"ram: cannot map {format_size(size)} of memory: {exc}") from exc
+        self._mem: memoryview | None = memoryview(self._mmap)
+
+    def _region(self, offset: int, bufs: Buffers) -> memoryview:
+        mem = self._mem
+        if mem is None:
+            raise BackstoreError("ram: backstore is closed")
+        total = sum(b.nbytes for b in bufs)
+        if offset < 0 or offset + total > self.size:
+            raise BackstoreError(f"ram: {offset}+{total} out of range ({self.size} bytes)")
+        return mem[offset : offset + total]
+
+    def readv(self, offset: int, bufs: Buffers) -> int:
+        region = self._region(offset, bufs)
+        pos = 0
+        for buf in bufs:
+            n = buf.nbytes
+            _bytes(buf)[:] = region[pos : pos + n]
+            pos += n
+        return pos
+
+    def writev(self, offset: int, bufs: Buffers) -> int:
+        region = self._region(offset, bufs)
+        pos = 0
+        for buf in bufs:
+            n = buf.nbytes
+            region[pos : pos + n] = _bytes(buf)
+            pos += n
+        return pos
+
+    def close(self) -> None:
+        mem, self._mem = self._mem, None
+        if mem is not None:
+            mem.release()
+            self._mmap.close()
+
+
+@register("ram")
+def create_ram(params: dict[str, str]) -> RamBackstore:
+    check_params("ram", params, ("size",), required=("size",))
+    return RamBackstore(parse_size(params["size"]))

@@ -1,0 +1,283 @@
+"""Pure parsers for command-line values: sizes, portals, iSCSI names and ``--lun`` specs.
+
+Nothing here touches argparse, files or sockets; every parser returns a value or raises
+``ValueError`` with a one-line message that quotes the offending text, so the CLI can print it
+as is. This module imports nothing from sgtarget at load time: the backstores import
+``parse_size`` and ``check_params`` from here, and the registry is only consulted lazily.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sgtarget.backstores.base import Backstore
+
+__all__ = [
+    "DEFAULT_ISCSI_PORT",
+    "LUN_KEYS",
+    "LunSpec",
+    "build_backstore",
+    "check_params",
+    "format_size",
+    "parse_iqn",
+    "parse_lun_spec",
+    "parse_portal",
+    "parse_size",
+]
+
+DEFAULT_ISCSI_PORT = 3260
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+_SIZE_RE = re.compile(r"(\d+)(?:\.(\d+))?\s*(?:([kmgtpe])(i?)b?|b)?", re.IGNORECASE | re.ASCII)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_SIZE_UNITS["e"] = 1 << 60
+#: off_t is signed 64-bit; nothing larger can be a file or a device size.
+MAX_SIZE = (1 << 63) - 1
+
+
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
+    """Bytes from ``"512"``, ``"4k"``, ``"64M"``, ``"1GiB"``, ``"1.5G"``, ``"2T"``, ``"512B"``.
+
+    Units are binary (K = 1024) whatever the spelling (``K``, ``KB``, ``KiB``, ``Ki``), case
+    insensitive. A fraction is accepted only when it names a whole number of bytes
+    (``"1.5K"`` = 1536, ``"0.3K"`` is refused) so a size never silently rounds.
+    Zero is refused unless ``allow_zero``; negative numbers and garbage always are.
+    """
+    stripped = text.strip()
+    m = _SIZE_RE.fullmatch(stripped)
+    if m is None:
+        if stripped.startswith("-"):
+            raise ValueError(f"invalid size {text!r}: must not be negative")
+        raise ValueError(
+            f"invalid size {text!r}: expected a number with an optional unit K, M, G, T, P, E "
+            "(binary, e.g. 512, 4K, 64MiB, 1.5G)"
+        )
+    whole, frac, unit, _i = m.groups()
+    number = Fraction(int(whole))
+    if frac:
+        number += Fraction(int(frac), 10 ** len(frac))
+    value = number * _SIZE_UNITS[(unit or "").lower()]
+    if value.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+    size = int(value)
+    if size == 0 and not allow_zero:
+        raise ValueError(f"invalid size {text!r}: must be greater than zero")
+    if size > MAX_SIZE:
+        raise ValueError(f"invalid size {text!r}: larger than 2^63-1 bytes")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling ``parse_size`` reads back: ``1536`` -> ``"1536"``, ``"1G"``."""
+    if size < 0:
+        raise ValueError(f"invalid size {size}: must not be negative")
+    for unit in "EPTGMK":
+        mult = _SIZE_UNITS[unit.lower()]
+        if size and size % mult == 0:
+            return f"{size // mult}{unit}"
+    return str(size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Portals
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _parse_port(text: str, port: str) -> int:
+    # isdigit() alone would accept "²" and int() would accept "+80" or " 80".
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"invalid portal {text!r}: port {port!r} is not a number")
+    value = int(port)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"invalid portal {text!r}: port {value} outside 1..65535")
+    return value
+
+
+def parse_portal(text: str) -> tuple[str, int]:
+    """``(host, port)`` from ``HOST:PORT``, ``HOST``, ``[IPV6]:PORT`` or ``[IPV6]``.
+
+    The port defaults to 3260. IPv6 addresses must be bracketed: ``::1:3260`` is itself a valid
+    address, so an unbracketed form would be ambiguous. The brackets are removed from the
+    returned host. Listen on every interface with ``0.0.0.0`` or ``[::]``.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"invalid portal {text!r}: missing ']' after the IPv6 address")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid portal {text!r}: {host!r} is not an IPv6 address") from None
+        if not rest:
+            return host, DEFAULT_ISCSI_PORT
+        if not rest.startswith(":"):
+            raise ValueError(f"invalid portal {text!r}: expected ':PORT' after ']'")
+        return host, _parse_port(text, rest[1:])
+    if text.count(":") > 1:
+        raise ValueError(f"invalid portal {text!r}: write IPv6 addresses in brackets, [ADDR]:PORT")
+    host, sep, port = text.partition(":")
+    if not host:
+        raise ValueError(f"invalid portal {text!r}: empty host (use 0.0.0.0 or [::] for all)")
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"invalid portal {text!r}: {host!r} is not a host name or IPv4 address")
+    return host, (_parse_port(text, port) if sep else DEFAULT_ISCSI_PORT)
+
+
+# ---------------------------------------------------------------------------------------------
+# iSCSI names (RFC 7143 section 4.2.7, RFC 3722)
+
+_IQN_RE = re.compile(
+    r"iqn\.\d{4}-(?:0[1-9]|1[0-2])"  # iqn.YYYY-MM
+    r"\.[a-z0-9-]+(?:\.[a-z0-9-]+)*"  # .reversed.domain
+    r"(?::[a-z0-9.:-]+)?"  # optional :suffix chosen by the naming authority
+)
+_EUI_RE = re.compile(r"eui\.[0-9a-f]{16}")
+_NAA_RE = re.compile(r"naa\.(?:[0-9a-f]{16}|[0-9a-f]{32})")
+_NAME_CHARS_RE = re.compile(r"[a-z0-9.:-]+")
+#: RFC 7143: iSCSI names are at most 223 bytes.
+MAX_ISCSI_NAME = 223
+
+
+def parse_iqn(text: str) -> str:
+    """A normalised iSCSI name: ``iqn.YYYY-MM.reversed.domain[:suffix]``, ``eui.`` + 16 hex
+    digits or ``naa.`` + 16 or 32 hex digits.
+
+    RFC 3722 stringprep reduces to lower-casing for ASCII; anything outside ``[a-z0-9.:-]``
+    afterwards (spaces, ``_``, non-ASCII) is refused rather than mapped.
+    """
+    name = text.lower()
+    if not name:
+        raise ValueError("invalid iSCSI name '': empty")
+    if not (name.isascii() and _NAME_CHARS_RE.fullmatch(name)):
+        raise ValueError(
+            f"invalid iSCSI name {text!r}: only letters, digits, '.', '-' and ':' are allowed"
+        )
+    if len(name) > MAX_ISCSI_NAME:
+        raise ValueError(f"invalid iSCSI name {text!r}: longer than {MAX_ISCSI_NAME} bytes")
+    if name.startswith("iqn."):
+        if not _IQN_RE.fullmatch(name):
+            raise ValueError(
+                f"invalid iSCSI name {text!r}: expected iqn.YYYY-MM.reversed.domain[:suffix]"
+            )
+    elif name.startswith("eui."):
+        if not _EUI_RE.fullmatch(name):
+            raise ValueError(f"invalid iSCSI name {text!r}: expected eui. and 16 hex digits")
+    elif name.startswith("naa."):
+        if not _NAA_RE.fullmatch(name):
+            raise ValueError(f"invalid iSCSI name {text!r}: expected naa. and 16 or 32 hex digits")
+    else:
+        raise ValueError(f"invalid iSCSI name {text!r}: must start with iqn., eui. or naa.")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Backstore parameters and --lun specs
+
+#: Keys of a ``--lun`` spec that configure the LUN rather than its backstore; they are split off
+#: into ``LunSpec.lun_params`` and never reach the backstore factory.
+LUN_KEYS: frozenset[str] = frozenset()
+
+#: Kinds whose first element may be a bare value, and the key it stands for.
+_POSITIONAL_KEY = {"file": "path"}
+_KEY_RE = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def check_params(
+    kind: str,
+    params: Mapping[str, str],
+    accepted: Collection[str],
+    required: Collection[str] = (),
+) -> None:
+    """Refuse keys a backstore kind does not know and missing required ones (``ValueError``)."""
+    known = ", ".join(sorted(accepted))
+    for key in params:
+        if key not in accepted:
+            raise ValueError(f"{kind}: unknown key {key!r} (accepted: {known})")
+    for key in required:
+        if key not in params:
+            raise ValueError(f"{kind}: missing required key {key!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LunSpec:
+    """A parsed ``--lun KIND:ARGS``.
+
+    ``params`` (backstore keys) and ``lun_params`` (keys in ``LUN_KEYS``) are read-only
+    mappings of unparsed strings in spec order; pass ``dict(spec.params)`` to a factory.
+    Read-only mappings are not hashable, so neither is a ``LunSpec``; equality works.
+    """
+
+    kind: str
+    params: Mapping[str, str]
+    lun_params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: The original text, for error messages raised after parsing.
+    text: str = field(default="", compare=False)
+
+
+def parse_lun_spec(text: str) -> LunSpec:
+    """Parse ``KIND:ARGS``: ``ram:size=1G``, ``null:size=1T``, ``file:/tmp/x.img,size=1G``.
+
+    ARGS is a comma-separated list of ``key=value``. For ``file`` the first element may be a
+    bare path (a first element is a path unless it starts with ``key=`` for a lower-case key, so
+    ``file:./size=1`` or ``file:path=size=1`` name a file called ``size=1``). Paths cannot
+    contain commas. Only the grammar and the kind are checked here; the factory checks keys and
+    values when ``build_backstore`` runs.
+    """
+    # Lazy: the backstores import this module for parse_size, and importing the registry
+    # here also registers every kind (sgtarget.backstores imports them all).
+    from sgtarget.backstores.base import registered_kinds  # noqa: PLC0415
+
+    def fail(reason: str) -> ValueError:
+        return ValueError(f"invalid LUN spec {text!r}: {reason}")
+
+    kind, sep, args = text.partition(":")
+    if not sep:
+        raise fail("expected KIND:ARGS, e.g. ram:size=1G or file:/path/disk.img,size=10G")
+    kinds = registered_kinds()
+    if kind not in kinds:
+        raise fail(f"unknown kind {kind!r} (known: {', '.join(kinds)})")
+    params: dict[str, str] = {}
+    lun_params: dict[str, str] = {}
+    elements = args.split(",") if args else []
+    for i, element in enumerate(elements):
+        if not element:
+            raise fail(f"empty element at position {i + 1}")
+        key, eq, value = element.partition("=")
+        if i == 0 and kind in _POSITIONAL_KEY and not (eq and _KEY_RE.fullmatch(key)):
+            key, value = _POSITIONAL_KEY[kind], element
+        elif not eq:
+            raise fail(f"expected key=value, got {element!r}")
+        elif not key:
+            raise fail(f"empty key in {element!r}")
+        elif not _KEY_RE.fullmatch(key):
+            raise fail(f"invalid key {key!r} (lower-case letters, digits, '_' and '-')")
+        elif not value:
+            raise fail(f"empty value for key {key!r}")
+        target = lun_params if key in LUN_KEYS else params
+        if key in params or key in lun_params:
+            raise fail(f"duplicate key {key!r}")
+        target[key] = value
+    return LunSpec(kind, MappingProxyType(params), MappingProxyType(lun_params), text)
+
+
+def build_backstore(spec: LunSpec) -> Backstore:
+    """Create the backstore a spec names; any refusal becomes one ``ValueError`` quoting it."""
+    from sgtarget.backstores.base import BackstoreError, create  # noqa: PLC0415 - see above
+
+    try:
+        return create(spec.kind, dict(spec.params))
+    except (ValueError, BackstoreError) as exc:
+        raise ValueError(f"invalid LUN spec {spec.text or spec.kind!r}: {exc}") from exc

@@ -1,0 +1,642 @@
+"""Backstores file, ram and null: real files, real pool views, short transfers, errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sgtarget.backstores
+from sgtarget.backstores import file as file_mod
+from sgtarget.backstores.base import Backstore, BackstoreError, create, registered_kinds
+from sgtarget.backstores.file import FileBackstore
+from sgtarget.backstores.null import NullBackstore
+from sgtarget.backstores.ram import RamBackstore
+from sgtarget.datapath import Pool
+
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def split(data: bytes | bytearray, sizes: Sequence[int]) -> list[memoryview]:
+    """Views of consecutive pieces of a bytearray copy of ``data``."""
+    buf = memoryview(bytearray(data))
+    out, pos = [], 0
+    for n in sizes:
+        out.append(buf[pos : pos + n])
+        pos += n
+    assert pos == len(data)
+    return out
+
+
+def joined(bufs: Sequence[memoryview]) -> bytes:
+    return b"".join(bytes(b) for b in bufs)
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    p = Pool(4 * MiB, 64 * 1024)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def fb(tmp_path: Path) -> Iterator[FileBackstore]:
+    b = FileBackstore(tmp_path / "disk.img", 4 * MiB)
+    yield b
+    b.close()
+
+
+# --- registry --------------------------------------------------------------------------------
+
+
+def test_import_registers_all_kinds() -> None:
+    assert sgtarget.backstores.file is file_mod
+    assert {"file", "ram", "null"} <= set(registered_kinds())
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "fragment"),
+    [
+        ("ram", {"size": "1M", "sise": "2"}, "ram: unknown key 'sise' (accepted: size)"),
+        ("null", {"path": "/x", "size": "1M"}, "null: unknown key 'path' (accepted: size)"),
+        ("file", {"path": "/x", "thin": "1"}, "file: unknown key 'thin' (accepted: path, size)"),
+        ("ram", {}, "ram: missing required key 'size'"),
+        ("null", {}, "null: missing required key 'size'"),
+        ("file", {"size": "1M"}, "file: missing required key 'path'"),
+        ("ram", {"size": "1000"}, "not a positive multiple of 512"),
+        ("null", {"size": "0"}, "must be greater than zero"),
+        ("ram", {"size": "lots"}, "invalid size 'lots'"),
+        ("warp", {}, "unknown backstore kind 'warp'"),
+    ],
+)
+def test_factory_rejects(kind: str, params: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)) as info:
+        create(kind, params)
+    assert "\n" not in str(info.value)
+
+
+def test_factories_build_each_kind(tmp_path: Path) -> None:
+    made: list[Backstore] = [
+        create("ram", {"size": "1M"}),
+        create("null", {"size": "1T"}),
+        create("file", {"path": str(tmp_path / "f.img"), "size": "64K"}),
+    ]
+    try:
+        assert [(b.kind, b.size) for b in made] == [
+            ("ram", MiB),
+            ("null", 1 << 40),
+            ("file", 64 * 1024),
+        ]
+        assert [b.blocking for b in made] == [False, False, True]
+    finally:
+        for b in made:
+            b.close()
+
+
+# --- file: creation, sizing, persistence -----------------------------------------------------
+
+
+def test_file_created_sparse_with_mode(tmp_path: Path) -> None:
+    path = tmp_path / "big.img"
+    b = FileBackstore(path, 1 << 30)
+    try:
+        st = path.stat()
+        assert st.st_size == 1 << 30
+        assert st.st_blocks * 512 < MiB  # sparse: nothing allocated yet
+        assert st.st_mode & 0o777 == 0o644 & ~_umask()
+        assert b.size == 1 << 30
+        assert "big.img" in b.describe()
+    finally:
+        b.close()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_file_persists_across_close_and_reopen_without_size(tmp_path: Path) -> None:
+    path = tmp_path / "p.img"
+    data = pattern(8192)
+    b = FileBackstore(path, MiB)
+    assert b.writev(4096, split(data, [1, 4095, 4096])) == 8192
+    b.close()
+    b.close()  # idempotent
+    assert b.closed
+    again = FileBackstore(path)
+    try:
+        assert again.size == MiB
+        out = split(bytes(8192), [8192])
+        assert again.readv(4096, out) == 8192
+        assert joined(out) == data
+    finally:
+        again.close()
+
+
+def test_file_grows_existing_smaller_file_keeping_data(tmp_path: Path) -> None:
+    path = tmp_path / "g.img"
+    path.write_bytes(pattern(1024))
+    b = FileBackstore(path, 8192)
+    try:
+        assert path.stat().st_size == 8192
+        out = split(bytes(2048), [2048])
+        b.readv(0, out)
+        assert joined(out) == pattern(1024) + bytes(1024)
+    finally:
+        b.close()
+
+
+def test_file_same_size_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "s.img"
+    path.write_bytes(bytes(4096))
+    FileBackstore(path, 4096).close()
+
+
+def test_file_refuses_to_shrink(tmp_path: Path) -> None:
+    path = tmp_path / "big.img"
+    path.write_bytes(bytes(8192))
+    with pytest.raises(ValueError, match=r"is 8192 bytes, larger than size=4096; refusing"):
+        FileBackstore(path, 4096)
+    assert path.stat().st_size == 8192
+
+
+def test_file_missing_without_size(tmp_path: Path) -> None:
+    path = tmp_path / "nope.img"
+    with pytest.raises(ValueError, match=r"nope\.img does not exist \(give size= to create it\)"):
+        FileBackstore(path)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("size", [0, -512, 1000, 513])
+def test_file_size_must_be_positive_multiple_of_512(tmp_path: Path, size: int) -> None:
+    with pytest.raises(ValueError, match="not a positive multiple of 512"):
+        FileBackstore(tmp_path / "x.img", size)
+    assert not (tmp_path / "x.img").exists()
+
+
+@pytest.mark.parametrize("length", [0, 1000])
+def test_file_existing_size_must_be_multiple_of_512(tmp_path: Path, length: int) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(bytes(length))
+    with pytest.raises(ValueError, match=rf"is {length} bytes, not a positive multiple of 512"):
+        FileBackstore(path)
+
+
+def test_file_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(BackstoreError, match="directory missing"):
+        FileBackstore(tmp_path / "no" / "such.img", 4096)
+
+
+def test_file_directory_is_not_a_file(tmp_path: Path) -> None:
+    with pytest.raises(BackstoreError, match=r"cannot open .*EISDIR"):
+        FileBackstore(tmp_path, 4096)
+
+
+def test_file_not_regular(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # O_RDWR on a FIFO does not block on Linux.
+    with pytest.raises(ValueError, match="is not a regular file"):
+        FileBackstore(fifo)
+
+
+def test_file_lock_conflict_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "shared.img"
+    first = FileBackstore(path, 4096)
+    try:
+        with pytest.raises(BackstoreError, match=r"shared\.img is already in use"):
+            FileBackstore(path, 4096)
+        with pytest.raises(BackstoreError, match="already in use"):
+            FileBackstore(path)
+    finally:
+        first.close()
+    FileBackstore(path).close()  # released by close()
+
+
+def test_file_lock_conflict_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "proc.img"
+    first = FileBackstore(path, 4096)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                FileBackstore(path)
+            except BackstoreError:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        first.close()
+
+
+# --- file: I/O -------------------------------------------------------------------------------
+
+
+def test_file_roundtrip_through_pool_views(fb: FileBackstore, pool: Pool) -> None:
+    n = 200 * 1024  # four blocks, the last partly used
+    data = pattern(n, seed=3)
+    sg = pool.alloc(n)
+    sg.copy_in(data)
+    assert fb.writev(512 * 3, sg.views()) == n
+    sg.zero()
+    assert fb.readv(512 * 3, sg.views()) == n
+    assert sg.to_bytes() == data
+    sg.release()
+
+
+def test_file_views_not_starting_at_block_boundaries(fb: FileBackstore, pool: Pool) -> None:
+    sg = pool.alloc(300_000)
+    data = pattern(100_000, seed=9)
+    views = sg.views(12_345, 100_000)
+    for v, piece in zip(views, split(data, [len(v) for v in views]), strict=True):
+        v[:] = piece
+    fb.writev(0, views)
+    out = split(bytes(100_000), [100_000])
+    fb.readv(0, out)
+    assert joined(out) == data
+    sg.release()
+
+
+def test_file_empty_transfer(fb: FileBackstore) -> None:
+    assert fb.readv(fb.size, []) == 0
+    assert fb.writev(0, [memoryview(bytearray())]) == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(-512, 512), (4 * MiB - 511, 512), (4 * MiB, 1), (4 * MiB + 512, 0)],
+)
+def test_file_bounds(fb: FileBackstore, offset: int, length: int) -> None:
+    buf = [memoryview(bytearray(length))]
+    with pytest.raises(BackstoreError, match="out of range"):
+        fb.readv(offset, buf)
+    with pytest.raises(BackstoreError, match="out of range"):
+        fb.writev(offset, buf)
+    assert os.path.getsize(fb.path) == 4 * MiB
+
+
+def test_file_last_byte_in_range(fb: FileBackstore) -> None:
+    fb.writev(fb.size - 512, split(pattern(512), [512]))
+    out = split(bytes(512), [100, 412])
+    assert fb.readv(fb.size - 512, out) == 512
+    assert joined(out) == pattern(512)
+
+
+def test_file_non_byte_format_views(fb: FileBackstore) -> None:
+    words = memoryview(bytearray(pattern(4096))).cast("I")
+    fb.writev(0, [words])
+    out = memoryview(bytearray(4096)).cast("Q")
+    fb.readv(0, [out])
+    assert out.tobytes() == pattern(4096)
+
+
+class Partial:
+    """Wraps ``os.preadv``/``os.pwritev`` to transfer at most ``steps[i]`` bytes per call."""
+
+    def __init__(self, real: Callable[..., int], steps: Sequence[int]) -> None:
+        self.real = real
+        self.steps = list(steps)
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def __call__(self, fd: int, bufs: Sequence[memoryview], offset: int, *flags: int) -> int:
+        self.calls.append((offset, [len(b) for b in bufs]))
+        limit = self.steps.pop(0) if self.steps else 1 << 62
+        trimmed, left = [], limit
+        for b in bufs:
+            if left == 0:
+                break
+            trimmed.append(b[: min(len(b), left)])
+            left -= len(trimmed[-1])
+        return self.real(fd, trimmed, offset, *flags)
+
+
+# Steps chosen to stop mid-buffer, exactly at a boundary, and across several buffers.
+SHORT_STEPS = [1, 99, 900, 3000, 5, 7000]
+SIZES = [100, 1000, 4096, 1, 6995, 100]  # 12292 bytes
+
+
+def test_file_short_writes_then_short_reads(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = pattern(sum(SIZES), seed=5)
+    writer = Partial(os.pwritev, SHORT_STEPS)
+    monkeypatch.setattr(os, "pwritev", writer)
+    assert fb.writev(1024, split(data, SIZES)) == len(data)
+    offsets = [off for off, _ in writer.calls]
+    assert offsets == [1024, 1025, 1124, 2024, 5024, 5029, 12029]  # last call unlimited
+    # The remainder after each short call: mid-buffer slices and whole buffers dropped.
+    assert writer.calls[1][1] == [99, *SIZES[1:]]  # 1 byte done
+    assert writer.calls[2][1] == SIZES[1:]  # exactly the first buffer done
+    assert writer.calls[3][1] == [100, *SIZES[2:]]  # 900 into the second
+    assert writer.calls[4][1] == [1196, 1, 6995, 100]  # 2900 into the third
+    monkeypatch.undo()
+
+    reader = Partial(os.preadv, list(reversed(SHORT_STEPS)))
+    monkeypatch.setattr(os, "preadv", reader)
+    out = split(bytes(len(data)), list(reversed(SIZES)))
+    assert fb.readv(1024, out) == len(data)
+    assert joined(out) == data
+    assert len(reader.calls) == len(SHORT_STEPS) + 1
+    monkeypatch.undo()
+
+    check = split(bytes(len(data)), [len(data)])
+    fb.readv(1024, check)
+    assert joined(check) == data
+
+
+def test_file_short_transfers_byte_by_byte(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = pattern(64, seed=11)
+    monkeypatch.setattr(os, "pwritev", Partial(os.pwritev, [1] * 64))
+    fb.writev(7, split(data, [3, 0, 30, 31]))
+    monkeypatch.setattr(os, "preadv", Partial(os.preadv, [1] * 64))
+    out = split(bytes(64), [64])
+    fb.readv(7, out)
+    assert joined(out) == data
+
+
+def test_file_does_not_copy_buffers(fb: FileBackstore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What reaches the syscall are views sharing memory with the caller's buffers."""
+    backing = bytearray(8192)
+    seen: list[memoryview] = []
+    real = os.preadv
+
+    def spy(fd: int, bufs: Sequence[memoryview], offset: int, *flags: int) -> int:
+        seen.extend(bufs)
+        return real(fd, [b[:1000] for b in bufs][:1], offset, *flags)
+
+    fb.writev(0, split(pattern(8192), [8192]))
+    monkeypatch.setattr(os, "preadv", spy)
+    fb.readv(0, [memoryview(backing)])
+    assert all(isinstance(v, memoryview) and v.obj is backing for v in seen)
+    assert bytes(backing) == pattern(8192)
+
+
+def test_file_read_past_eof_is_an_error(fb: FileBackstore) -> None:
+    os.truncate(fb.path, 4096)  # someone else shrank it behind our back
+    with pytest.raises(BackstoreError, match="end of file at 4096"):
+        fb.readv(0, [memoryview(bytearray(8192))])
+
+
+def test_file_zero_byte_write_is_an_error(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "pwritev", lambda *a: 0)
+    with pytest.raises(BackstoreError, match="wrote nothing"):
+        fb.writev(0, [memoryview(bytearray(512))])
+
+
+def _raise(err: int) -> Callable[..., Any]:
+    def fail(*_args: object) -> int:
+        raise OSError(err, os.strerror(err))
+
+    return fail
+
+
+@pytest.mark.parametrize(("name", "method"), [("preadv", "readv"), ("pwritev", "writev")])
+def test_file_oserror_becomes_backstore_error(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch, name: str, method: str
+) -> None:
+    monkeypatch.setattr(os, name, _raise(errno.EIO))
+    with pytest.raises(BackstoreError) as info:
+        getattr(fb, method)(1024, [memoryview(bytearray(512))])
+    msg = str(info.value)
+    assert "Errno 5 EIO" in msg
+    assert fb.path in msg
+    assert "at 1024" in msg
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_file_flush_error(fb: FileBackstore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fdatasync", _raise(errno.ENOSPC))
+    with pytest.raises(BackstoreError, match=r"fdatasync .*ENOSPC"):
+        fb.flush()
+
+
+def test_file_close_releases_lock_even_if_flush_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.img"
+    b = FileBackstore(path, 4096)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdatasync", _raise(errno.EIO))
+        with pytest.raises(BackstoreError, match="EIO"):
+            b.close()
+    assert b.closed
+    FileBackstore(path).close()
+
+
+def test_file_close_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    b = FileBackstore(tmp_path / "f.img", 4096)
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    fd = b._fd
+    b.close()
+    assert synced == [fd]
+
+
+def test_file_io_after_close(tmp_path: Path) -> None:
+    b = FileBackstore(tmp_path / "f.img", 4096)
+    b.close()
+    with pytest.raises(BackstoreError, match="EBADF"):
+        b.readv(0, [memoryview(bytearray(512))])
+
+
+def test_file_many_buffers_beyond_iov_max(fb: FileBackstore) -> None:
+    count = file_mod._IOV_MAX + 300
+    data = pattern(count * 2, seed=13)
+    fb.writev(0, split(data, [2] * count))
+    out = split(bytes(count * 2), [2] * count)
+    assert fb.readv(0, out) == count * 2
+    assert joined(out) == data
+
+
+# --- file: read_nowait -----------------------------------------------------------------------
+
+
+def test_read_nowait_serves_cached_data(fb: FileBackstore, pool: Pool) -> None:
+    data = pattern(128 * 1024, seed=17)
+    fb.writev(MiB, split(data, [len(data)]))  # just written: in the page cache
+    sg = pool.alloc(len(data))
+    got = fb.read_nowait(MiB, sg.views())
+    if got is None:  # pragma: no cover - filesystem without RWF_NOWAIT for buffered reads
+        pytest.skip("RWF_NOWAIT unsupported here")
+    assert got == len(data)
+    assert sg.to_bytes() == data
+    sg.release()
+
+
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.EOPNOTSUPP])
+def test_read_nowait_miss_returns_none(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    flags_seen: list[tuple[int, ...]] = []
+
+    def miss(fd: int, bufs: Sequence[memoryview], offset: int, *flags: int) -> int:
+        flags_seen.append(flags)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "preadv", miss)
+    assert fb.read_nowait(0, [memoryview(bytearray(512))]) is None
+    assert flags_seen == [(os.RWF_NOWAIT,)]
+
+
+def test_read_nowait_partial_then_miss(fb: FileBackstore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short NOWAIT read (next page uncached) followed by EAGAIN is a miss, not a result."""
+    fb.writev(0, split(pattern(8192), [8192]))
+    real = os.preadv
+    calls = 0
+
+    def half(fd: int, bufs: Sequence[memoryview], offset: int, *flags: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real(fd, [bufs[0][:4096]], offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", half)
+    assert fb.read_nowait(0, [memoryview(bytearray(8192))]) is None
+    assert calls == 2
+
+
+def test_read_nowait_short_reads_complete(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = pattern(12292, seed=19)
+    fb.writev(0, split(data, SIZES))
+    monkeypatch.setattr(os, "preadv", Partial(os.preadv, SHORT_STEPS))
+    out = split(bytes(len(data)), SIZES)
+    assert fb.read_nowait(0, out) == len(data)
+    assert joined(out) == data
+
+
+def test_read_nowait_other_errors_raise(fb: FileBackstore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "preadv", _raise(errno.EIO))
+    with pytest.raises(BackstoreError, match="EIO"):
+        fb.read_nowait(0, [memoryview(bytearray(512))])
+
+
+def test_read_nowait_bounds(fb: FileBackstore) -> None:
+    with pytest.raises(BackstoreError, match="out of range"):
+        fb.read_nowait(fb.size, [memoryview(bytearray(1))])
+
+
+def test_read_nowait_without_rwf_nowait(fb: FileBackstore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "RWF_NOWAIT")
+    assert fb.read_nowait(0, [memoryview(bytearray(512))]) is None
+
+
+# --- ram -------------------------------------------------------------------------------------
+
+
+def test_ram_starts_zeroed_and_round_trips(pool: Pool) -> None:
+    ram = RamBackstore(MiB)
+    try:
+        sg = pool.alloc(100_000)
+        sg.copy_in(b"\xff" * 100_000)
+        ram.readv(0, sg.views())
+        assert sg.to_bytes() == bytes(100_000)
+        data = pattern(100_000, seed=23)
+        sg.copy_in(data)
+        assert ram.writev(MiB - 100_000, sg.views()) == 100_000
+        out = split(bytes(100_000), [1, 65535, 34464])
+        assert ram.readv(MiB - 100_000, out) == 100_000
+        assert joined(out) == data
+        sg.release()
+    finally:
+        ram.close()
+
+
+def test_ram_is_not_blocking_and_lazy() -> None:
+    ram = RamBackstore(1 << 30)  # a gigabyte of untouched pages costs nothing
+    try:
+        assert ram.blocking is False
+        out = [memoryview(bytearray(b"x" * 512))]
+        ram.readv((1 << 30) - 512, out)
+        assert bytes(out[0]) == bytes(512)
+    finally:
+        ram.close()
+
+
+def test_ram_bounds_and_closed() -> None:
+    ram = RamBackstore(4096)
+    with pytest.raises(BackstoreError, match="out of range"):
+        ram.readv(4096, [memoryview(bytearray(1))])
+    with pytest.raises(BackstoreError, match="out of range"):
+        ram.writev(-1, [memoryview(bytearray(1))])
+    ram.close()
+    ram.close()
+    with pytest.raises(BackstoreError, match="closed"):
+        ram.readv(0, [memoryview(bytearray(1))])
+
+
+def test_ram_refuses_bad_size() -> None:
+    with pytest.raises(ValueError, match="not a positive multiple of 512"):
+        RamBackstore(100)
+
+
+def test_ram_non_byte_views() -> None:
+    ram = RamBackstore(4096)
+    try:
+        ram.writev(0, [memoryview(bytearray(pattern(1024))).cast("H")])
+        out = memoryview(bytearray(1024)).cast("I")
+        ram.readv(0, [out])
+        assert out.tobytes() == pattern(1024)
+    finally:
+        ram.close()
+
+
+# --- null ------------------------------------------------------------------------------------
+
+
+def test_null_read_zeroes_dirty_buffers(pool: Pool) -> None:
+    null = NullBackstore(1 << 40)
+    sg = pool.alloc(200_000)
+    sg.copy_in(b"\xaa" * 200_000)  # stale bytes of some earlier command
+    assert null.readv(1 << 39, sg.views()) == 200_000
+    assert sg.to_bytes() == bytes(200_000)
+    sg.release()
+    dirty = split(b"\x55" * 70_000, [1, 69_999])
+    null.readv(0, dirty)
+    assert joined(dirty) == bytes(70_000)
+
+
+def test_null_discards_writes() -> None:
+    null = NullBackstore(4096)
+    assert null.writev(0, split(pattern(4096), [4096])) == 4096
+    out = split(b"\x01" * 4096, [4096])
+    null.readv(0, out)
+    assert joined(out) == bytes(4096)
+    assert null.blocking is False
+    null.flush()
+    null.close()
+
+
+def test_null_bounds_and_size() -> None:
+    null = NullBackstore(4096)
+    with pytest.raises(BackstoreError, match="out of range"):
+        null.writev(4000, [memoryview(bytearray(512))])
+    with pytest.raises(BackstoreError, match="out of range"):
+        null.readv(-512, [memoryview(bytearray(512))])
+    with pytest.raises(ValueError, match="not a positive multiple of 512"):
+        NullBackstore(0)

@@ -640,3 +640,20 @@ def test_null_bounds_and_size() -> None:
         null.readv(-512, [memoryview(bytearray(512))])
     with pytest.raises(ValueError, match="not a positive multiple of 512"):
         NullBackstore(0)
+
+
+def test_file_short_transfer_inside_non_byte_view(
+    fb: FileBackstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = pattern(4096, seed=29)
+    monkeypatch.setattr(os, "pwritev", Partial(os.pwritev, [3, 1000]))
+    fb.writev(0, [memoryview(bytearray(data)).cast("I")])
+    monkeypatch.setattr(os, "preadv", Partial(os.preadv, [5, 2001]))
+    out = memoryview(bytearray(4096)).cast("Q")
+    fb.readv(0, [out])
+    assert out.tobytes() == data
+
+
+def test_ram_absurd_size_is_refused_up_front() -> None:
+    with pytest.raises(BackstoreError, match="ram: cannot map 4E of memory"):
+        RamBackstore(4 << 60)

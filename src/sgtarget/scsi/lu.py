@@ -1,0 +1,876 @@
+"""A SCSI logical unit: SPC-5/SBC-4 emulation over a ``Backstore``.
+
+Every command goes through one opcode table (``COMMANDS``): opcode (+ service action) ->
+handler, CDB length and CDB usage mask. Dispatch and REPORT SUPPORTED OPERATION CODES both read
+it, so what we report is what we execute. Adding a command is a ``CommandSpec`` plus a handler.
+
+Handlers raise ``CheckCondition`` to terminate a command; ``LogicalUnit.execute`` turns that
+(and anything else) into status and sense and never lets an exception escape.
+
+Payload never goes through a contiguous buffer: READ and WRITE stream through ``IO_WINDOW``-sized
+scatter lists from the transport's pool, so an 8 MiB command holds at most 1 MiB at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sgtarget.backstores.base import Backstore, BackstoreError
+from sgtarget.datapath import PoolExhausted, ScatterList
+from sgtarget.scsi.cdb import (
+    BlockCdb,
+    decode_block,
+    decode_inquiry,
+    decode_mode_sense,
+    decode_rsoc,
+    u32,
+)
+from sgtarget.scsi.constants import (
+    DEVICE_TYPE_DISK,
+    PERIPHERAL_NOT_CONNECTED,
+    Asc,
+    MaintenanceIn,
+    ModePage,
+    Opcode,
+    PageControl,
+    SenseKey,
+    ServiceActionIn16,
+    Status,
+    VersionDescriptor,
+    VpdPage,
+)
+from sgtarget.scsi.lun import encode_lun
+from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
+from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
+
+log = logging.getLogger(__name__)
+
+#: Payload bytes moved per backstore call and per pool allocation.
+IO_WINDOW = 1024 * 1024
+#: Largest single command we accept (VPD B0h MAXIMUM TRANSFER LENGTH is derived from it).
+MAX_TRANSFER_BYTES = 8 * 1024 * 1024
+#: Key for tasks that arrive without a nexus (tests, internal callers).
+DEFAULT_NEXUS_KEY = "<no nexus>"
+#: IEEE company ID in our NAA-6 designators. We hold no OUI; uniqueness comes from the 100
+#: hashed bits of the vendor-specific fields, so the value only has to be stable.
+NAA_COMPANY_ID = 0x000000
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_RC10 = struct.Struct(">II")
+#: READ CAPACITY(16): returned LBA, block length, P_TYPE/PROT_EN, P_I_EXP/LBPPBE,
+#: LBPME/LBPRZ/lowest aligned LBA, 16 reserved bytes.
+_RC16 = struct.Struct(">QIBBH16x")
+#: RSOC all-commands descriptor: opcode, reserved, SA, reserved, CTDP/SERVACTV, CDB length.
+_RSOC_DESC = struct.Struct(">BxHxBH")
+#: Command timeouts descriptor: length (0x0A), reserved, command specific, nominal, recommended.
+_RSOC_TIMEOUTS = struct.Struct(">HxBII")
+_MODE6_HDR = struct.Struct(">BBBB")
+_MODE10_HDR = struct.Struct(">HBBBxH")
+_SHORT_BLOCK_DESC = struct.Struct(">IxBH")  # block count, (block length as 3 bytes: hi, lo16)
+
+#: ILLEGAL REQUEST conditions used more than once.
+_LBA_OUT_OF_RANGE = SenseData(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+_BAD_IU = SenseData(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+
+
+class LunDirectory(Protocol):
+    """What an LU needs to know about the target it belongs to."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def relative_port_id(self) -> int: ...
+
+    def lun_numbers(self) -> Iterable[int]: ...
+
+
+class Cmd:
+    """One command being executed: the task, its channel and the decoded opcode entry."""
+
+    __slots__ = ("cdb", "channel", "nexus_key", "spec", "task")
+
+    def __init__(self, task: Task, channel: DataChannel, spec: CommandSpec, nexus_key: str) -> None:
+        self.task = task
+        self.channel = channel
+        self.cdb = task.cdb
+        self.spec = spec
+        self.nexus_key = nexus_key
+
+    def aborted(self) -> bool:
+        """Checked after every await (a call, so type checkers do not narrow it away)."""
+        return self.task.aborted
+
+
+Handler = Callable[["LogicalUnit", Cmd], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    opcode: int
+    #: Service action (byte 1 bits 4..0) for opcodes that have them, else ``None``.
+    service_action: int | None
+    name: str
+    #: CDB usage data for RSOC; its length is the CDB length and byte 0 the opcode.
+    usage: bytes
+    handler: Handler
+    #: INQUIRY, REPORT LUNS and REQUEST SENSE run even with a unit attention pending.
+    ua_exempt: bool = False
+    #: Recommended timeout in seconds for RSOC's command timeouts descriptor (0: unknown).
+    timeout: int = 0
+
+    @property
+    def cdb_len(self) -> int:
+        return len(self.usage)
+
+
+class OpcodeTable:
+    """The dispatch table: (opcode, service action | None) -> ``CommandSpec``."""
+
+    def __init__(self, specs: Iterable[CommandSpec]) -> None:
+        self._by_key: dict[tuple[int, int | None], CommandSpec] = {}
+        self._sa_opcodes: set[int] = set()
+        for spec in specs:
+            key = (spec.opcode, spec.service_action)
+            if key in self._by_key:
+                raise ValueError(f"duplicate command {spec.name}")
+            if spec.usage[0] != spec.opcode:
+                raise ValueError(f"usage data of {spec.name} must start with its opcode")
+            self._by_key[key] = spec
+            if spec.service_action is not None:
+                self._sa_opcodes.add(spec.opcode)
+        if any((op, None) in self._by_key for op in self._sa_opcodes):
+            raise ValueError("an opcode either has service actions or not")
+
+    def has_service_actions(self, opcode: int) -> bool:
+        return opcode in self._sa_opcodes
+
+    def get(self, opcode: int, service_action: int | None = None) -> CommandSpec | None:
+        return self._by_key.get((opcode, service_action))
+
+    def lookup(self, cdb: bytes) -> CommandSpec:
+        """The entry for ``cdb`` or the CHECK CONDITION an unsupported command gets."""
+        opcode = cdb[0]
+        if opcode in self._sa_opcodes:
+            spec = self._by_key.get((opcode, cdb[1] & 0x1F)) if len(cdb) > 1 else None
+            if spec is None:
+                raise CheckCondition.invalid_field(1, 4)
+            return spec
+        spec = self._by_key.get((opcode, None))
+        if spec is None:
+            raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
+        return spec
+
+    def __iter__(self) -> Iterator[CommandSpec]:
+        return iter(sorted(self._by_key.values(), key=lambda s: (s.opcode, s.service_action or 0)))
+
+
+def _pad(text: str, n: int) -> bytes:
+    return text.encode("ascii", "replace")[:n].ljust(n, b" ")
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+async def send_reply(cmd: Cmd, data: bytes, alloc_len: int) -> None:
+    """Send an emulated reply truncated to the allocation length."""
+    task = cmd.task
+    n = min(alloc_len, len(data))
+    task.transfer_length = n
+    if n == 0:
+        return
+    sg = await cmd.channel.alloc(n)
+    if task.aborted:
+        sg.release()
+        return
+    sg.copy_in(memoryview(data)[:n])
+    await cmd.channel.send(sg, 0, n, last=True)
+
+
+def report_luns_data(cdb: bytes, luns: Iterable[int]) -> tuple[bytes, int]:
+    """REPORT LUNS parameter data and allocation length (SPC-5 6.33)."""
+    select = cdb[2]
+    alloc = u32(cdb, 6)
+    if select not in (0x00, 0x01, 0x02):
+        raise CheckCondition.invalid_field(2)
+    if alloc < 16:
+        raise CheckCondition.invalid_field(6)
+    # 0x01 asks for well-known LUs only; we have none.
+    entries = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(luns))
+    return _U32.pack(len(entries)) + bytes(4) + entries, alloc
+
+
+def not_connected_inquiry() -> bytes:
+    """Standard INQUIRY data for a LUN that does not exist (SPC-5 6.7.2: qualifier 011b)."""
+    data = bytearray(36)
+    data[0] = PERIPHERAL_NOT_CONNECTED
+    data[3] = 0x02
+    data[4] = len(data) - 5
+    return bytes(data)
+
+
+class _NexusState:
+    """Unit attentions queued for one I_T nexus."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, first: Asc | None) -> None:
+        self.pending: list[Asc] = [first] if first is not None else []
+
+    def add_reset(self, asc: Asc) -> None:
+        # A newer reset supersedes an older one still queued (both are ASC 29h).
+        self.pending = [a for a in self.pending if a.asc != 0x29]
+        self.pending.insert(0, asc)
+
+
+class LogicalUnit:
+    """A direct-access block device (SBC-4) on a backstore."""
+
+    def __init__(
+        self,
+        backstore: Backstore,
+        *,
+        runner: BlockingRunner,
+        identity: str,
+        block_size: int = 512,
+        vendor: str = "SGTARGET",
+        product: str = "VIRTUAL-DISK",
+        revision: str = "0001",
+    ) -> None:
+        if block_size < 512 or block_size & (block_size - 1):
+            raise ValueError(f"block size {block_size} is not a power of two >= 512")
+        self.backstore = backstore
+        # Non-blocking backstores (RAM, null) are cheap enough to run on the event loop.
+        self._run: BlockingRunner = runner if backstore.blocking else run_inline
+        self.identity = identity
+        self.block_size = block_size
+        self.vendor = vendor
+        self.product = product
+        self.revision = revision
+        self.num_blocks = backstore.size // block_size
+        self.max_transfer_blocks = MAX_TRANSFER_BYTES // block_size
+        digest = hashlib.sha256(identity.encode()).digest()
+        #: VPD 80h unit serial number: stable across restarts because it comes from identity.
+        self.serial = digest[:16].hex()
+        #: VPD 83h NAA-6 IEEE Registered Extended designator (16 bytes).
+        tail = int.from_bytes(digest[16:29], "big") >> 4  # 100 bits
+        self.naa = ((0x6 << 124) | (NAA_COMPANY_ID << 100) | tail).to_bytes(16, "big")
+        self._directory: LunDirectory | None = None
+        self._nexuses: dict[str, _NexusState] = {}
+
+    def attach(self, directory: LunDirectory) -> None:
+        """Called by ``ScsiTarget``: the target name, port and LUN list for VPD and REPORT LUNS."""
+        self._directory = directory
+
+    # ---- unit attentions -------------------------------------------------------------------
+
+    def queue_reset_ua(self, asc: Asc) -> None:
+        """Queue a reset unit attention for every nexus this LU has seen."""
+        for state in self._nexuses.values():
+            state.add_reset(asc)
+
+    def forget_all_nexuses(self) -> None:
+        """Power-on state: every nexus gets POWER ON, RESET at its next command."""
+        self._nexuses.clear()
+
+    def nexus_lost(self, key: str) -> None:
+        self._nexuses.pop(key, None)
+
+    def _nexus(self, key: str) -> _NexusState:
+        state = self._nexuses.get(key)
+        if state is None:
+            state = self._nexuses[key] = _NexusState(Asc.POWER_ON_RESET)
+        return state
+
+    def take_ua(self, key: str) -> Asc | None:
+        pending = self._nexus(key).pending
+        return pending.pop(0) if pending else None
+
+    def has_pending_ua(self, key: str) -> bool:
+        return bool(self._nexus(key).pending)
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    async def execute(self, task: Task, channel: DataChannel) -> None:
+        """Run ``task``; sets status, sense and transfer_length. Never raises."""
+        task.status = Status.GOOD
+        task.sense = b""
+        task.transfer_length = 0
+        key = task.nexus.key if task.nexus is not None else DEFAULT_NEXUS_KEY
+        try:
+            cdb = task.cdb
+            if not cdb:
+                raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
+            state = self._nexus(key)
+            exempt = cdb[0] in _UA_EXEMPT
+            if state.pending and not exempt:
+                ua = state.pending.pop(0)
+                raise CheckCondition.of(SenseKey.UNIT_ATTENTION, ua)
+            spec = COMMANDS.lookup(cdb)
+            if len(cdb) < spec.cdb_len:
+                raise CheckCondition.illegal(Asc.INVALID_FIELD_IN_CDB)
+            if cdb[spec.cdb_len - 1] & 0x04:
+                # NACA=1 asks for ACA, which we do not implement (SAM-5 5.3.2).
+                raise CheckCondition.invalid_field(spec.cdb_len - 1, 2)
+            await spec.handler(self, Cmd(task, channel, spec, key))
+        except CheckCondition as cc:
+            task.status = Status.CHECK_CONDITION
+            task.sense = cc.sense.fixed()
+        except PoolExhausted:
+            task.status = Status.TASK_SET_FULL
+            task.sense = b""
+        except Exception:
+            log.exception(
+                "internal error executing CDB %s (lun %s, tag %#x, nexus %s)",
+                task.cdb.hex(),
+                self.identity,
+                task.tag,
+                key,
+            )
+            task.status = Status.CHECK_CONDITION
+            task.sense = SenseData(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE).fixed()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_range(self, lba: int, nblocks: int) -> None:
+        # An LBA past the last one is out of range even when no blocks are transferred.
+        if lba >= self.num_blocks or nblocks > self.num_blocks - lba:
+            raise CheckCondition(_LBA_OUT_OF_RANGE)
+
+    def _check_length(self, nblocks: int, field_byte: int) -> None:
+        if nblocks > self.max_transfer_blocks:
+            raise CheckCondition.invalid_field(field_byte)
+
+    @staticmethod
+    def _length_byte(cdb: bytes) -> int:
+        """Byte offset of the TRANSFER LENGTH field of an LBA CDB (for the field pointer)."""
+        return {0: 4, 1: 7, 2: 7, 4: 10, 5: 6}[cdb[0] >> 5]
+
+    async def _flush(self) -> None:
+        try:
+            await self._run(self.backstore.flush)
+        except BackstoreError as exc:
+            log.warning("flush failed on %s: %s", self.identity, exc)
+            raise CheckCondition.of(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from exc
+
+    async def _read_into(self, sg: ScatterList, offset: int, n: int) -> None:
+        try:
+            await self._run(self.backstore.readv, offset, sg.views(0, n))
+        except BackstoreError as exc:
+            log.warning("read of %d bytes at %d failed on %s: %s", n, offset, self.identity, exc)
+            raise CheckCondition.of(
+                SenseKey.MEDIUM_ERROR,
+                Asc.UNRECOVERED_READ_ERROR,
+                information=offset // self.block_size,
+            ) from exc
+
+    async def _write_from(self, sg: ScatterList, offset: int, n: int) -> None:
+        try:
+            await self._run(self.backstore.writev, offset, sg.views(0, n))
+        except BackstoreError as exc:
+            log.warning("write of %d bytes at %d failed on %s: %s", n, offset, self.identity, exc)
+            raise CheckCondition.of(
+                SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
+            ) from exc
+
+    # ---- SPC commands ------------------------------------------------------------------------
+
+    async def _cmd_test_unit_ready(self, cmd: Cmd) -> None:
+        return
+
+    async def _cmd_request_sense(self, cmd: Cmd) -> None:
+        desc = bool(cmd.cdb[1] & 0x01)
+        ua = self.take_ua(cmd.nexus_key)
+        sense = SenseData(SenseKey.UNIT_ATTENTION, ua) if ua is not None else NO_SENSE
+        await send_reply(cmd, sense.encode(descriptor=desc), cmd.cdb[4])
+
+    async def _cmd_inquiry(self, cmd: Cmd) -> None:
+        inq = decode_inquiry(cmd.cdb)
+        if not inq.evpd:
+            if inq.page_code:
+                raise CheckCondition.invalid_field(2)
+            data = self.standard_inquiry()
+        else:
+            builder = _VPD_PAGES.get(inq.page_code)
+            if builder is None:
+                raise CheckCondition.invalid_field(2)
+            data = builder(self)
+        await send_reply(cmd, data, inq.alloc_len)
+
+    def standard_inquiry(self) -> bytes:
+        data = bytearray(74)
+        data[0] = DEVICE_TYPE_DISK
+        # SPC-4: iscsi-test-cu 1.19 rejects any other VERSION than 4, 5 or 6.
+        data[2] = 0x06
+        data[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
+        data[4] = len(data) - 5
+        data[7] = 0x02  # CMDQUE
+        data[8:16] = _pad(self.vendor, 8)
+        data[16:32] = _pad(self.product, 16)
+        data[32:36] = _pad(self.revision, 4)
+        for i, vd in enumerate(_VERSION_DESCRIPTORS):
+            _U16.pack_into(data, 58 + 2 * i, vd)
+        return bytes(data)
+
+    def _vpd(self, page: int, body: bytes) -> bytes:
+        return bytes((DEVICE_TYPE_DISK, page)) + _U16.pack(len(body)) + body
+
+    def _vpd_supported(self) -> bytes:
+        return self._vpd(VpdPage.SUPPORTED_PAGES, bytes(sorted(_VPD_PAGES)))
+
+    def _vpd_serial(self) -> bytes:
+        return self._vpd(VpdPage.UNIT_SERIAL_NUMBER, self.serial.encode("ascii"))
+
+    def _vpd_device_id(self) -> bytes:
+        def desc(code_set: int, assoc_type: int, value: bytes) -> bytes:
+            return bytes((code_set, assoc_type, 0, len(value))) + value
+
+        # LU: NAA (binary, association 0, type 3) and T10 vendor ID (ASCII, type 1).
+        body = desc(0x01, 0x03, self.naa)
+        body += desc(0x02, 0x01, _pad(self.vendor, 8) + self.serial.encode("ascii"))
+        d = self._directory
+        if d is not None:
+            # Target port: relative target port identifier (association 1, type 4).
+            body += desc(0x01, 0x14, bytes(2) + _U16.pack(d.relative_port_id))
+            # Target device: SCSI name string (UTF-8, association 2, type 8), NUL-terminated
+            # and padded to a multiple of 4 (SPC-5 7.7.6.11).
+            name = d.name.encode("utf-8") + b"\0"
+            body += desc(0x03, 0x28, name.ljust(_round_up(len(name), 4), b"\0"))
+        return self._vpd(VpdPage.DEVICE_IDENTIFICATION, body)
+
+    def _vpd_block_limits(self) -> bytes:
+        body = bytearray(0x3C)
+        # Offsets below are page offsets minus the 4-byte header.
+        _U16.pack_into(body, 2, 1)  # OPTIMAL TRANSFER LENGTH GRANULARITY
+        _U32.pack_into(body, 4, self.max_transfer_blocks)  # MAXIMUM TRANSFER LENGTH
+        _U32.pack_into(body, 8, IO_WINDOW // self.block_size)  # OPTIMAL TRANSFER LENGTH
+        return self._vpd(VpdPage.BLOCK_LIMITS, bytes(body))
+
+    def _vpd_block_characteristics(self) -> bytes:
+        body = bytearray(0x3C)
+        _U16.pack_into(body, 0, 1)  # MEDIUM ROTATION RATE: non-rotating medium
+        return self._vpd(VpdPage.BLOCK_DEVICE_CHARACTERISTICS, bytes(body))
+
+    def _vpd_provisioning(self) -> bytes:
+        # No UNMAP / WRITE SAME unmap yet: LBPU, LBPWS, LBPWS10 and provisioning type all 0.
+        return self._vpd(VpdPage.LOGICAL_BLOCK_PROVISIONING, bytes(4))
+
+    async def _cmd_report_luns(self, cmd: Cmd) -> None:
+        luns: Iterable[int] = self._directory.lun_numbers() if self._directory else (0,)
+        data, alloc = report_luns_data(cmd.cdb, luns)
+        await send_reply(cmd, data, alloc)
+
+    async def _cmd_mode_sense(self, cmd: Cmd) -> None:
+        ms = decode_mode_sense(cmd.cdb)
+        if ms.pc == PageControl.SAVED:
+            raise CheckCondition.illegal(Asc.SAVING_PARAMETERS_NOT_SUPPORTED)
+        if ms.page == ModePage.ALL_PAGES:
+            if ms.subpage not in (0x00, 0xFF):
+                raise CheckCondition.invalid_field(3)
+            pages = b"".join(build(self, ms.pc) for _, build in sorted(_MODE_PAGES.items()))
+        else:
+            build = _MODE_PAGES.get(ms.page)
+            # We have no subpages: 0xFF (page and all its subpages) is just the page.
+            if build is None:
+                raise CheckCondition.invalid_field(2, 5)
+            if ms.subpage not in (0x00, 0xFF):
+                raise CheckCondition.invalid_field(3)
+            pages = build(self, ms.pc)
+        bdesc = b""
+        if not ms.dbd:
+            # Neither capacity nor block length can be changed by MODE SELECT.
+            changeable = ms.pc == PageControl.CHANGEABLE
+            blocks = 0 if changeable else min(self.num_blocks, 0xFFFFFFFF)
+            bs = 0 if changeable else self.block_size
+            bdesc = _SHORT_BLOCK_DESC.pack(blocks, bs >> 16, bs & 0xFFFF)
+        # DPOFUA: we honour DPO and FUA on READ and WRITE.
+        dsp = 0x10
+        if cmd.cdb[0] == Opcode.MODE_SENSE_6:
+            total = _MODE6_HDR.size + len(bdesc) + len(pages)
+            hdr = _MODE6_HDR.pack(min(total - 1, 0xFF), 0, dsp, len(bdesc))
+        else:
+            total = _MODE10_HDR.size + len(bdesc) + len(pages)
+            hdr = _MODE10_HDR.pack(total - 2, 0, dsp, 0, len(bdesc))
+        await send_reply(cmd, hdr + bdesc + pages, ms.alloc_len)
+
+    def _mode_caching(self, pc: int) -> bytes:
+        page = bytearray(20)
+        page[0], page[1] = ModePage.CACHING, len(page) - 2
+        if pc != PageControl.CHANGEABLE:
+            page[2] = 0x04  # WCE: writes may sit in the backstore's cache until SYNC/FUA
+        return bytes(page)
+
+    def _mode_control(self, pc: int) -> bytes:
+        page = bytearray(12)
+        page[0], page[1] = ModePage.CONTROL, len(page) - 2
+        if pc != PageControl.CHANGEABLE:
+            # TST 0 (one task set), D_SENSE 0 (fixed sense), QAM 1 (unrestricted reordering:
+            # commands run concurrently), QERR 0, UA_INTLCK_CTRL 0, SWP 0.
+            page[3] = 0x10
+            _U16.pack_into(page, 8, 0xFFFF)  # BUSY TIMEOUT PERIOD: unlimited
+        return bytes(page)
+
+    async def _cmd_rsoc(self, cmd: Cmd) -> None:
+        rs = decode_rsoc(cmd.cdb)
+        if rs.options == 0:
+            out = bytearray()
+            for each in COMMANDS:
+                flags = (0x02 if rs.rctd else 0) | (0x01 if each.service_action is not None else 0)
+                out += _RSOC_DESC.pack(each.opcode, each.service_action or 0, flags, each.cdb_len)
+                if rs.rctd:
+                    out += _rsoc_timeouts(each)
+            data = _U32.pack(len(out)) + bytes(out)
+        elif rs.options in (1, 2, 3):
+            has_sa = COMMANDS.has_service_actions(rs.opcode)
+            if rs.options == 1 and has_sa:
+                raise CheckCondition.invalid_field(2, 2)
+            if rs.options == 2 and not has_sa:
+                raise CheckCondition.invalid_field(2, 2)
+            spec = COMMANDS.get(rs.opcode, rs.service_action if has_sa else None)
+            if spec is not None and rs.options == 3 and not has_sa and rs.service_action:
+                spec = None  # option 3 names a service action this opcode does not have
+            if spec is None:
+                data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
+            else:
+                support = 0x03 | (0x80 if rs.rctd else 0)
+                data = bytes((0, support)) + _U16.pack(spec.cdb_len) + spec.usage
+                if rs.rctd:
+                    data += _rsoc_timeouts(spec)
+        else:
+            raise CheckCondition.invalid_field(2, 2)
+        await send_reply(cmd, data, rs.alloc_len)
+
+    async def _cmd_start_stop_unit(self, cmd: Cmd) -> None:
+        # Not removable and always ready: every START/STOP and power condition is a no-op.
+        return
+
+    # ---- SBC commands ------------------------------------------------------------------------
+
+    async def _cmd_read_capacity_10(self, cmd: Cmd) -> None:
+        last = self.num_blocks - 1
+        data = _RC10.pack(min(last, 0xFFFFFFFF), self.block_size)
+        await send_reply(cmd, data, len(data))
+
+    async def _cmd_read_capacity_16(self, cmd: Cmd) -> None:
+        data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, 0, 0)
+        await send_reply(cmd, data, u32(cmd.cdb, 10))
+
+    async def _cmd_synchronize_cache(self, cmd: Cmd) -> None:
+        blk = decode_block(cmd.cdb)
+        # NUMBER OF LOGICAL BLOCKS 0 means "to the end of the medium".
+        self._check_range(blk.lba, blk.length or (self.num_blocks - blk.lba))
+        await self._flush()
+
+    async def _cmd_read(self, cmd: Cmd) -> None:
+        task = cmd.task
+        blk = decode_block(cmd.cdb)
+        bs = self.block_size
+        total = blk.length * bs
+        task.transfer_length = total
+        if blk.protect:
+            raise CheckCondition.invalid_field(1, 7)
+        self._check_range(blk.lba, blk.length)
+        self._check_length(blk.length, self._length_byte(cmd.cdb))
+        # The transport clips Data-In to EDTL, so reading past it is wasted work.
+        limit = min(total, _round_up(task.expected_length, bs))
+        base = blk.lba * bs
+        off = 0
+        while off < limit:
+            n = min(IO_WINDOW, limit - off)
+            sg = await cmd.channel.alloc(n)
+            try:
+                if not cmd.aborted():
+                    await self._read_into(sg, base + off, n)
+            except BaseException:
+                sg.release()
+                raise
+            if cmd.aborted():
+                sg.release()
+                return
+            off += n
+            # send() owns sg from here on.
+            await cmd.channel.send(sg, off - n, n, last=off >= limit)
+            if cmd.aborted():
+                return
+
+    async def _receive(self, cmd: Cmd, off: int, n: int) -> ScatterList | None:
+        """Data-Out bytes ``[off, off + n)`` (caller releases); ``None`` if the task was aborted."""
+        sg = await cmd.channel.receive(off, n)
+        if cmd.aborted():
+            sg.release()
+            return None
+        if len(sg) < n:
+            # The initiator sent less than the CDB needs (EDTL was checked before, so this
+            # is a transport that ended the buffer early).
+            sg.release()
+            raise CheckCondition(_BAD_IU)
+        return sg
+
+    async def _write_blocks(self, cmd: Cmd, lba: int, nblocks: int) -> bool:
+        """Receive ``nblocks`` of Data-Out and store them at ``lba``; False if aborted."""
+        bs = self.block_size
+        total = nblocks * bs
+        base = lba * bs
+        off = 0
+        while off < total:
+            n = min(IO_WINDOW, total - off)
+            sg = await self._receive(cmd, off, n)
+            if sg is None:
+                return False
+            try:
+                await self._write_from(sg, base + off, n)
+            finally:
+                sg.release()
+            if cmd.aborted():
+                return False
+            off += n
+        return True
+
+    async def _cmd_write(self, cmd: Cmd) -> None:
+        task = cmd.task
+        blk = decode_block(cmd.cdb)
+        task.transfer_length = blk.length * self.block_size
+        if blk.protect:
+            raise CheckCondition.invalid_field(1, 7)
+        self._check_range(blk.lba, blk.length)
+        self._check_length(blk.length, self._length_byte(cmd.cdb))
+        if task.expected_length < task.transfer_length:
+            # Overflow: SAM-5/FCP-4 allow refusing without transferring anything.
+            raise CheckCondition(_BAD_IU)
+        if await self._write_blocks(cmd, blk.lba, blk.length) and blk.fua and blk.length:
+            await self._flush()
+
+    async def _cmd_write_and_verify(self, cmd: Cmd) -> None:
+        task = cmd.task
+        blk = decode_block(cmd.cdb)
+        task.transfer_length = blk.length * self.block_size
+        if blk.protect:
+            raise CheckCondition.invalid_field(1, 7)
+        if blk.bytchk > 1:
+            raise CheckCondition.invalid_field(1, 2)
+        self._check_range(blk.lba, blk.length)
+        self._check_length(blk.length, self._length_byte(cmd.cdb))
+        # Overflow: process the whole blocks the initiator sends and nothing beyond (FCP-4
+        # option a; libiscsi's WriteVerify residual tests require GOOD here).
+        nblocks = min(blk.length, task.expected_length // self.block_size)
+        # The data just written is what the medium holds, so verification cannot fail; flush
+        # so it is the medium and not a cache that holds it.
+        if await self._write_blocks(cmd, blk.lba, nblocks) and nblocks:
+            await self._flush()
+
+    async def _cmd_verify(self, cmd: Cmd) -> None:
+        task = cmd.task
+        blk = decode_block(cmd.cdb)
+        bs = self.block_size
+        bytchk = blk.bytchk
+        if bytchk == 1:
+            task.transfer_length = blk.length * bs
+        elif bytchk == 3:
+            task.transfer_length = bs if blk.length else 0
+        if blk.protect:
+            raise CheckCondition.invalid_field(1, 7)
+        if bytchk == 2:
+            raise CheckCondition.invalid_field(1, 2)
+        self._check_range(blk.lba, blk.length)
+        if bytchk == 1:
+            self._check_length(blk.length, self._length_byte(cmd.cdb))
+        if bytchk == 0 or blk.length == 0:
+            return
+        if task.expected_length < task.transfer_length:
+            raise CheckCondition(_BAD_IU)
+        if bytchk == 1:
+            await self._verify_bytes(cmd, blk)
+        else:
+            await self._verify_same(cmd, blk)
+
+    async def _verify_bytes(self, cmd: Cmd, blk: BlockCdb) -> None:
+        """BYTCHK 01b: compare the Data-Out buffer with the medium."""
+        bs = self.block_size
+        total = blk.length * bs
+        base = blk.lba * bs
+        off = 0
+        while off < total:
+            n = min(IO_WINDOW, total - off)
+            sent = await self._receive(cmd, off, n)
+            if sent is None:
+                return
+            medium: ScatterList | None = None
+            try:
+                medium = await cmd.channel.alloc(n)
+                if cmd.aborted():
+                    return
+                await self._read_into(medium, base + off, n)
+                if cmd.aborted():
+                    return
+                at = _first_difference(sent.to_bytes(0, n), medium.to_bytes(0, n))
+                if at is not None:
+                    raise CheckCondition.of(
+                        SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, information=off + at
+                    )
+            finally:
+                sent.release()
+                if medium is not None:
+                    medium.release()
+            off += n
+
+    async def _verify_same(self, cmd: Cmd, blk: BlockCdb) -> None:
+        """BYTCHK 11b: one block was sent; every block in the range must equal it."""
+        bs = self.block_size
+        sent = await self._receive(cmd, 0, bs)
+        if sent is None:
+            return
+        try:
+            pattern = sent.to_bytes(0, bs)
+        finally:
+            sent.release()
+        total = blk.length * bs
+        base = blk.lba * bs
+        window = max(bs, IO_WINDOW - IO_WINDOW % bs)
+        off = 0
+        while off < total:
+            n = min(window, total - off)
+            medium = await cmd.channel.alloc(n)
+            try:
+                if cmd.aborted():
+                    return
+                await self._read_into(medium, base + off, n)
+                if cmd.aborted():
+                    return
+                data = medium.to_bytes(0, n)
+            finally:
+                medium.release()
+            for b in range(0, n, bs):
+                at = _first_difference(pattern, data[b : b + bs])
+                if at is not None:
+                    # The offset is into the Data-Out buffer, i.e. within the one block sent.
+                    raise CheckCondition.of(
+                        SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, information=at
+                    )
+            off += n
+
+
+def _first_difference(a: bytes, b: bytes) -> int | None:
+    if a == b:
+        return None
+    # Narrow down in C-speed chunks before the byte loop.
+    step = 4096
+    start = 0
+    while a[start : start + step] == b[start : start + step]:
+        start += step
+    for i in range(start, min(start + step, len(a), len(b))):
+        if a[i] != b[i]:
+            return i
+    return min(len(a), len(b))
+
+
+def _rsoc_timeouts(spec: CommandSpec) -> bytes:
+    return _RSOC_TIMEOUTS.pack(0x0A, 0, 0, spec.timeout)
+
+
+_VERSION_DESCRIPTORS = (
+    VersionDescriptor.SAM_5,
+    VersionDescriptor.SPC_4,
+    VersionDescriptor.SBC_3,
+    VersionDescriptor.ISCSI,
+)
+
+_VPD_PAGES: dict[int, Callable[[LogicalUnit], bytes]] = {
+    VpdPage.SUPPORTED_PAGES: LogicalUnit._vpd_supported,
+    VpdPage.UNIT_SERIAL_NUMBER: LogicalUnit._vpd_serial,
+    VpdPage.DEVICE_IDENTIFICATION: LogicalUnit._vpd_device_id,
+    VpdPage.BLOCK_LIMITS: LogicalUnit._vpd_block_limits,
+    VpdPage.BLOCK_DEVICE_CHARACTERISTICS: LogicalUnit._vpd_block_characteristics,
+    VpdPage.LOGICAL_BLOCK_PROVISIONING: LogicalUnit._vpd_provisioning,
+}
+
+_MODE_PAGES: dict[int, Callable[[LogicalUnit, int], bytes]] = {
+    ModePage.CACHING: LogicalUnit._mode_caching,
+    ModePage.CONTROL: LogicalUnit._mode_control,
+}
+
+
+def _usage(*data: int) -> bytes:
+    return bytes(data)
+
+
+_L = LogicalUnit
+_FF4 = (0xFF, 0xFF, 0xFF, 0xFF)
+_FF8 = _FF4 + _FF4
+
+#: The one table. CDB usage bits follow SPC-5/SBC-4; PROTECT fields are left out because we
+#: reject any non-zero value (no protection information).
+COMMANDS = OpcodeTable(
+    [
+        CommandSpec(Opcode.TEST_UNIT_READY, None, "TEST UNIT READY",
+                    _usage(0x00, 0, 0, 0, 0, 0), _L._cmd_test_unit_ready),
+        CommandSpec(Opcode.REQUEST_SENSE, None, "REQUEST SENSE",
+                    _usage(0x03, 0x01, 0, 0, 0xFF, 0), _L._cmd_request_sense, ua_exempt=True),
+        CommandSpec(Opcode.READ_6, None, "READ(6)",
+                    _usage(0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30),
+        CommandSpec(Opcode.WRITE_6, None, "WRITE(6)",
+                    _usage(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30),
+        CommandSpec(Opcode.INQUIRY, None, "INQUIRY",
+                    _usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0), _L._cmd_inquiry, ua_exempt=True),
+        CommandSpec(Opcode.MODE_SENSE_6, None, "MODE SENSE(6)",
+                    _usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
+        CommandSpec(Opcode.START_STOP_UNIT, None, "START STOP UNIT",
+                    _usage(0x1B, 0x01, 0, 0x0F, 0xF7, 0), _L._cmd_start_stop_unit),
+        CommandSpec(Opcode.READ_CAPACITY_10, None, "READ CAPACITY(10)",
+                    _usage(0x25, 0, *_FF4, 0, 0, 0x01, 0), _L._cmd_read_capacity_10),
+        CommandSpec(Opcode.READ_10, None, "READ(10)",
+                    _usage(0x28, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30),
+        CommandSpec(Opcode.WRITE_10, None, "WRITE(10)",
+                    _usage(0x2A, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30),
+        CommandSpec(Opcode.WRITE_AND_VERIFY_10, None, "WRITE AND VERIFY(10)",
+                    _usage(0x2E, 0x12, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write_and_verify,
+                    timeout=30),
+        CommandSpec(Opcode.VERIFY_10, None, "VERIFY(10)",
+                    _usage(0x2F, 0x16, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_verify, timeout=30),
+        CommandSpec(Opcode.SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE(10)",
+                    _usage(0x35, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_synchronize_cache,
+                    timeout=60),
+        CommandSpec(Opcode.MODE_SENSE_10, None, "MODE SENSE(10)",
+                    _usage(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
+        CommandSpec(Opcode.READ_16, None, "READ(16)",
+                    _usage(0x88, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30),
+        CommandSpec(Opcode.WRITE_16, None, "WRITE(16)",
+                    _usage(0x8A, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30),
+        CommandSpec(Opcode.WRITE_AND_VERIFY_16, None, "WRITE AND VERIFY(16)",
+                    _usage(0x8E, 0x12, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
+                    timeout=30),
+        CommandSpec(Opcode.VERIFY_16, None, "VERIFY(16)",
+                    _usage(0x8F, 0x16, *_FF8, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
+        CommandSpec(Opcode.SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE(16)",
+                    _usage(0x91, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_synchronize_cache,
+                    timeout=60),
+        CommandSpec(Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.READ_CAPACITY_16,
+                    "READ CAPACITY(16)",
+                    _usage(0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0),
+                    _L._cmd_read_capacity_16),
+        CommandSpec(Opcode.REPORT_LUNS, None, "REPORT LUNS",
+                    _usage(0xA0, 0, 0xFF, 0, 0, 0, *_FF4, 0, 0), _L._cmd_report_luns,
+                    ua_exempt=True),
+        CommandSpec(Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
+                    "REPORT SUPPORTED OPERATION CODES",
+                    _usage(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, *_FF4, 0, 0), _L._cmd_rsoc),
+        CommandSpec(Opcode.READ_12, None, "READ(12)",
+                    _usage(0xA8, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30),
+        CommandSpec(Opcode.WRITE_12, None, "WRITE(12)",
+                    _usage(0xAA, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30),
+        CommandSpec(Opcode.WRITE_AND_VERIFY_12, None, "WRITE AND VERIFY(12)",
+                    _usage(0xAE, 0x12, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
+                    timeout=30),
+        CommandSpec(Opcode.VERIFY_12, None, "VERIFY(12)",
+                    _usage(0xAF, 0x16, *_FF4, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
+    ]
+)  # fmt: skip
+
+#: Opcodes that never report a unit attention (SPC-5 5.14): derived from the table.
+_UA_EXEMPT = frozenset(spec.opcode for spec in COMMANDS if spec.ua_exempt)

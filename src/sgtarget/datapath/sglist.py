@@ -45,6 +45,32 @@ class ScatterList:
         self.length += nbytes
         self.nblocks += count
 
+    def extend(self, other: ScatterList) -> None:
+        """Append ``other``'s blocks to this list; ``other`` is left empty (its blocks move)."""
+        if other._pool is not self._pool:
+            raise ValueError("scatter lists from different pools")
+        for first, count, nbytes in other.segments:
+            self.append_blocks(first, count, nbytes)
+        other.segments = []
+        other.length = other.nblocks = 0
+
+    def truncate(self, length: int) -> None:
+        """Shorten the payload to ``length`` bytes.
+
+        The blocks stay owned until ``release``: a PDU that is still being received into the
+        cut-off tail must never land in blocks someone else was given meanwhile.
+        """
+        if length > self.length or length < 0:
+            raise ValueError(f"cannot truncate {self.length} bytes to {length}")
+        keep = length
+        segs: list[tuple[int, int, int]] = []
+        for first, count, nbytes in self.segments:
+            used = min(nbytes, keep)
+            segs.append((first, count, used))
+            keep -= used
+        self.segments = segs
+        self.length = length
+
     def _block_size(self) -> int:
         if self._pool is None:
             raise ValueError("scatter list already released")
@@ -56,8 +82,9 @@ class ScatterList:
         arena = self._pool.arena
         bs = self._pool.block_size
         for first, _count, nbytes in self.segments:
-            start = first * bs
-            yield arena[start : start + nbytes]
+            if nbytes:
+                start = first * bs
+                yield arena[start : start + nbytes]
 
     def views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
         """Views of ``length`` bytes starting ``offset`` bytes into the list."""

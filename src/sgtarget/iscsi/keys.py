@@ -16,7 +16,8 @@ where the RFC leaves a choice or the brief was ambiguous:
 * Answers are always sent, even where §6.2.2 makes them optional (AND with "No", OR with "Yes"):
   the initiator then never has to infer a result.
 * Out-of-range or ill-formed values answer ``Reject`` (§6.2: "Reject" for values the acceptor
-  may not use) and the key keeps its default; the login goes on.
+  may not use) and the key keeps its default; the login goes on. A bad MaxRecvDataSegmentLength
+  (declarative: never answered) is dropped and the safe default 8192 kept.
 * A key may be negotiated or declared only once per login (§6.1/§6.2: "An attempt to
   renegotiate/redeclare parameters not specifically allowed MUST be detected ... Login reject
   (initiator error)"): :class:`NegotiationError` 0x02/0x00. Exception for real initiators:
@@ -589,11 +590,12 @@ class Negotiator:
         return None
 
     def _declarative(self, key: str, value: str, rule: KeyRule) -> str | None:
+        # A declaration gets no answer (our own MaxRecvDataSegmentLength declaration goes out
+        # under the same key), so a bad value is dropped: the default (8192) is always safe.
         number = parse_number(value)
         assert rule.range is not None
-        if number is None or not rule.range[0] <= number <= rule.range[1]:
-            return Answer.REJECT
-        self._values[key] = number
+        if number is not None and rule.range[0] <= number <= rule.range[1]:
+            self._values[key] = number
         return None
 
     def _numeric(self, key: str, value: str, rule: KeyRule) -> str | None:
@@ -685,10 +687,13 @@ def _normalize_address(address: str) -> str:
     where, comma, tpgt = address.rpartition(",")
     if not comma:
         where, tpgt = address, ""
-    candidates = [(where, "")]  # no port
+    # "fe80::1:3260" is ambiguous; addresses are normally formatted with a port, so try that
+    # reading first and fall back to "no port".
+    candidates = []
     if ":" in where:
         host, port = where.rsplit(":", 1)
         candidates.append((host, f":{port}"))
+    candidates.append((where, ""))
     for host, port in candidates:
         if _is_ipv6(host):
             return f"[{host}]{port}{comma}{tpgt}"

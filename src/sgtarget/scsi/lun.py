@@ -15,11 +15,12 @@ _FLAT = 0x40
 
 def encode_lun(lun: int) -> bytes:
     """The 8-byte LUN field for ``lun``."""
-    if 0 <= lun <= MAX_PERIPHERAL_LUN:
+    if lun < 0 or lun > MAX_FLAT_LUN:
+        raise ValueError(f"LUN {lun} outside 0..{MAX_FLAT_LUN}")
+    if lun <= MAX_PERIPHERAL_LUN:
         return bytes((0x00, lun)) + bytes(6)
-    if lun <= MAX_FLAT_LUN:
-        return bytes((_FLAT | (lun >> 8), lun & 0xFF)) + bytes(6)
-    raise ValueError(f"LUN {lun} outside 0..{MAX_FLAT_LUN}")
+    return bytes((_FLAT | (lun >> 8), lun & 0xFF)) + bytes(6)
+
 
 
 def decode_lun(field: bytes) -> int | None:

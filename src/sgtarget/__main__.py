@@ -1,0 +1,5 @@
+import sys
+
+from sgtarget.cli.main import main
+
+sys.exit(main())

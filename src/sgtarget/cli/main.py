@@ -1,0 +1,122 @@
+"""``sgtarget`` command line. Parses arguments, builds the configuration, hands over."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import sgtarget
+from sgtarget.cli.specs import LunSpec, build_backstore, parse_iqn, parse_lun_spec, parse_portal
+from sgtarget.cli.specs import parse_size as _parse_size
+from sgtarget.datapath import DEFAULT_POOL_SIZE
+
+DEFAULT_LUN_SIZE = "1G"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line, exit status 2 (what argparse uses, without the usage dump).
+        self.exit(2, f"sgtarget: error: {message}\n")
+
+
+def _arg(parse: object, name: str) -> object:
+    def convert(text: str) -> object:
+        try:
+            return parse(text)  # type: ignore[operator]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("SGTARGET_DATA_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "sgtarget"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sgtarget", description="A user-space SCSI target (iSCSI).")
+    parser.add_argument("--version", action="version", version=f"sgtarget {sgtarget.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve LUNs over iSCSI",
+        description="Serve LUNs over iSCSI. With no arguments: 127.0.0.1:3260, one target, "
+        "LUN 0 a persistent 1 GiB sparse file in the data directory.",
+    )
+    serve.error = _Parser.error.__get__(serve)  # type: ignore[method-assign]
+    serve.add_argument("--portal", action="append", type=_arg(parse_portal, "portal"),
+                       metavar="HOST:PORT", help="address to listen on (repeatable; "
+                       "default 127.0.0.1:3260)")
+    serve.add_argument("--target", type=_arg(parse_iqn, "iqn"), metavar="IQN",
+                       help="target name")
+    serve.add_argument("--lun", action="append", type=_arg(parse_lun_spec, "lun"),
+                       metavar="SPEC", help="file:PATH[,size=SIZE] | ram:size=SIZE | "
+                       "null:size=SIZE (repeatable; LUNs are numbered from 0 in order)")
+    serve.add_argument("--pool", type=_arg(_parse_size, "size"), metavar="SIZE",
+                       default=DEFAULT_POOL_SIZE, help="payload memory budget (default 64M)")
+    serve.add_argument("--data-dir", type=Path, metavar="DIR",
+                       help="where the default LUN lives (default $SGTARGET_DATA_DIR or "
+                       "~/.local/share/sgtarget)")
+    serve.add_argument("--nop-interval", type=float, default=30.0, metavar="SECONDS",
+                       help="ping idle initiators with NOP-In this often (0 disables)")
+    serve.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from sgtarget.server.daemon import run  # noqa: PLC0415 - keep --help fast
+    from sgtarget.server.target import DEFAULT_IQN, DEFAULT_PORT, TargetConfig  # noqa: PLC0415
+
+    banner: list[str] = []
+    specs: list[LunSpec] = args.lun or []
+    if not specs:
+        data_dir = args.data_dir or default_data_dir()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"sgtarget: error: cannot create data directory {data_dir}: {exc}",
+                  file=sys.stderr)
+            return 2
+        path = data_dir / "lun0.img"
+        specs = [parse_lun_spec(f"file:{path},size={DEFAULT_LUN_SIZE}")]
+        banner.append(f"  data directory {data_dir}")
+    backstores = []
+    try:
+        for spec in specs:
+            backstores.append(build_backstore(spec))
+    except ValueError as exc:
+        for bs in backstores:
+            bs.close()
+        print(f"sgtarget: error: {exc}", file=sys.stderr)
+        return 2
+    config = TargetConfig(
+        iqn=args.target or DEFAULT_IQN,
+        portals=args.portal or [("127.0.0.1", DEFAULT_PORT)],
+        backstores=backstores,
+        pool_size=args.pool,
+        nop_interval=args.nop_interval or None,
+    )
+    return run(config, banner=banner)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

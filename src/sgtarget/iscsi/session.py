@@ -1,0 +1,178 @@
+"""Sessions, the targets a portal offers, and per-command iSCSI state.
+
+A session is identified by the initiator name + ISID (the I_T nexus) and numbered by a TSIH.
+It owns the command sequence window (ExpCmdSN/MaxCmdSN). With MaxConnections=1 a session has
+exactly one connection, but the window and the task table live here so that more connections
+per session need no change to the command path.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from sgtarget.datapath import ScatterList
+from sgtarget.iscsi.keys import OperationalParams, SessionType
+from sgtarget.scsi.task import Nexus, Task
+
+#: Commands one session may have in flight; advertised through MaxCmdSN.
+DEFAULT_QUEUE_DEPTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    """What a portal group knows about one target: its name and where it listens."""
+
+    name: str
+    alias: str | None = None
+    #: "host:port" of each portal serving the target (IPv6 hosts bracketed).
+    portals: tuple[str, ...] = ()
+    tpgt: int = 1
+
+
+class TargetDirectory:
+    """The targets a portal group serves, by IQN."""
+
+    def __init__(self, targets: Sequence[TargetInfo] = ()) -> None:
+        self._targets = {t.name: t for t in targets}
+
+    def add(self, target: TargetInfo) -> None:
+        self._targets[target.name] = target
+
+    def lookup(self, name: str) -> TargetInfo | None:
+        return self._targets.get(name)
+
+    def __iter__(self) -> Iterator[TargetInfo]:
+        return iter(self._targets.values())
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic (RFC 1982, 32 bits): a < b."""
+    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def sn_le(a: int, b: int) -> bool:
+    return a == b or sn_lt(a, b)
+
+
+class Command:
+    """iSCSI state of one SCSI command: its data windows, R2Ts and Data-In sequence."""
+
+    __slots__ = (
+        "aborted",
+        "cmdsn",
+        "held_sg",
+        "held_views",
+        "immediate",
+        "itt",
+        "lun",
+        "no_buffer",
+        "r2t_end",
+        "r2t_next",
+        "r2tsn",
+        "r2ts",
+        "read_edtl",
+        "rx_base",
+        "rx_have",
+        "rx_len",
+        "rx_sg",
+        "rx_waiting",
+        "sent",
+        "task",
+        "unsol_datasn",
+        "unsol_expected",
+        "unsol_received",
+        "datasn",
+        "write_edtl",
+        "held_offset",
+    )
+
+    def __init__(self, itt: int, cmdsn: int, task: Task) -> None:
+        self.itt = itt
+        self.cmdsn = cmdsn
+        self.task = task
+        self.lun = task.lun
+        self.immediate = False
+        self.read_edtl = 0
+        self.write_edtl = 0
+        # Data-Out side: one receive window [rx_base, rx_base + rx_len) at a time.
+        self.rx_sg: ScatterList | None = None
+        self.rx_base = 0
+        self.rx_len = 0
+        self.rx_have = 0
+        self.rx_waiting = False
+        self.no_buffer = False
+        self.unsol_expected = 0
+        self.unsol_received = 0
+        self.unsol_datasn = 0
+        # Outstanding R2Ts: TTT -> [buffer offset, length, received, next DataSN].
+        self.r2ts: dict[int, list[int]] = {}
+        self.r2t_next = 0
+        self.r2t_end = 0
+        self.r2tsn = 0
+        # Data-In side.
+        self.datasn = 0
+        self.sent = 0
+        #: The final Data-In PDU, held back so the status can ride on it.
+        self.held_sg: ScatterList | None = None
+        self.held_views: list[memoryview] = []
+        self.held_offset = 0
+        self.aborted = False
+
+
+@dataclass(eq=False)
+class Session:
+    tsih: int
+    initiator_name: str
+    isid: bytes
+    session_type: SessionType
+    target_name: str | None
+    params: OperationalParams
+    nexus: Nexus
+    exp_cmdsn: int = 0
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
+    #: Non-immediate commands received and not yet answered (they hold window slots).
+    in_flight: int = 0
+    commands: dict[int, Command] = field(default_factory=dict)
+
+    @property
+    def max_cmdsn(self) -> int:
+        free = max(self.queue_depth - self.in_flight, 1)
+        return (self.exp_cmdsn + free - 1) & 0xFFFFFFFF
+
+    def in_window(self, cmdsn: int) -> bool:
+        return sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)
+
+
+class SessionTable:
+    """All sessions of a target process: TSIH allocation and reinstatement by I_T nexus."""
+
+    def __init__(self) -> None:
+        self._by_tsih: dict[int, Session] = {}
+        self._tsih = itertools.count(1)
+
+    def new_tsih(self) -> int:
+        while True:
+            tsih = next(self._tsih) & 0xFFFF
+            if tsih and tsih not in self._by_tsih:
+                return tsih
+
+    def add(self, session: Session) -> None:
+        self._by_tsih[session.tsih] = session
+
+    def remove(self, session: Session) -> None:
+        self._by_tsih.pop(session.tsih, None)
+
+    def get(self, tsih: int) -> Session | None:
+        return self._by_tsih.get(tsih)
+
+    def find(self, initiator_name: str, isid: bytes, target_name: str | None) -> Session | None:
+        for s in self._by_tsih.values():
+            if s.initiator_name == initiator_name and s.isid == isid:
+                if s.target_name == target_name:
+                    return s
+        return None
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_tsih.values()))

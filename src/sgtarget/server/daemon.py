@@ -1,0 +1,52 @@
+"""Process lifecycle: event loop choice, startup banner, clean shutdown on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from sgtarget.server.target import TargetConfig, TargetServer, describe_luns, format_portal
+
+log = logging.getLogger("sgtarget")
+
+
+def _loop_factory() -> str:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def serve(config: TargetConfig, *, banner: list[str] | None = None) -> None:
+    server = TargetServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    lines = [
+        f"sgtarget: serving {config.iqn}",
+        *(f"  portal {format_portal(h, p)}" for h, p in server.bound),
+        *(f"  {line}" for line in describe_luns(config.backstores)),
+        *(banner or []),
+    ]
+    print("\n".join(lines), flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown()
+    print("sgtarget: stopped", flush=True)
+
+
+def run(config: TargetConfig, *, banner: list[str] | None = None, use_uvloop: bool = True) -> int:
+    loop_name = _loop_factory() if use_uvloop else "asyncio"
+    log.debug("event loop: %s", loop_name)
+    try:
+        asyncio.run(serve(config, banner=banner))
+    except OSError as exc:
+        print(f"sgtarget: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,310 @@
+"""asyncio adapter for one iSCSI connection: socket bytes <-> the sans-I/O ``Connection``.
+
+Received bytes go where ``Connection.get_buffer`` says (header buffer or pool blocks) through
+``asyncio.BufferedProtocol``; nothing is copied on the way in. Output goes out with one
+``sendmsg`` over header and pool views while the transport's own buffer is empty; only what the
+kernel does not take at once is handed to the transport (which copies it; counted in the pool's
+``copied_bytes``). On Python 3.11 ``transport.writelines`` would join the buffers: a copy of
+every payload byte, so it is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, cast
+
+from sgtarget.datapath import BytesLike, PoolExhausted, ScatterList
+from sgtarget.iscsi import pdu
+from sgtarget.iscsi.connection import (
+    CloseConnection,
+    Command,
+    CommandReady,
+    Connection,
+    DataReady,
+    LoginComplete,
+    SessionReinstated,
+    TmfRequest,
+)
+from sgtarget.iscsi.session import Session
+
+if TYPE_CHECKING:
+    from sgtarget.server.target import TargetServer
+
+log = logging.getLogger(__name__)
+
+_IOV_MAX = 1024
+
+
+class IscsiChannel:
+    """``DataChannel`` of one command over an iSCSI connection."""
+
+    __slots__ = ("cmd", "proto")
+
+    def __init__(self, proto: IscsiProtocol, cmd: Command) -> None:
+        self.proto = proto
+        self.cmd = cmd
+
+    async def alloc(self, nbytes: int) -> ScatterList:
+        sg = self.proto.server.pool.try_alloc(nbytes)
+        if sg is None:
+            raise PoolExhausted(nbytes)
+        return sg
+
+    async def receive(self, offset: int, length: int) -> ScatterList:
+        proto = self.proto
+        sg = proto.conn.request_data(self.cmd, offset, length)
+        proto.flush()
+        if sg is not None:
+            return sg
+        fut: asyncio.Future[ScatterList] = proto.loop.create_future()
+        proto.rx_waiters[self.cmd.itt] = fut
+        try:
+            return await fut
+        finally:
+            proto.rx_waiters.pop(self.cmd.itt, None)
+
+    async def send(self, sg: ScatterList, offset: int, length: int, *, last: bool) -> None:
+        proto = self.proto
+        proto.conn.send_data_in(self.cmd, sg, offset, length, last=last)
+        proto.flush()
+        if proto.write_paused is not None:
+            await proto.write_paused
+
+
+class IscsiProtocol(asyncio.BufferedProtocol):
+    def __init__(self, server: TargetServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.conn = Connection(
+            pool=server.pool,
+            targets=server.directory,
+            sessions=server.sessions,
+            limits=server.limits,
+            nop_interval=server.nop_interval,
+        )
+        self.transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
+        self.rx_waiters: dict[int, asyncio.Future[ScatterList]] = {}
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self.write_paused: asyncio.Future[None] | None = None
+        self.peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    # ---- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; they implement the API.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        raw = transport.get_extra_info("socket")
+        if raw is not None:
+            # A private duplicate of the fd lets us sendmsg() a header + payload views in one
+            # call; asyncio's and uvloop's socket wrappers do not offer sendmsg.
+            self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+            self._sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+        log.info("connection from %s", self.peer)
+        self._arm_timer()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        conn.note_activity(self.loop.time())
+        conn.buffer_updated(nbytes)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def pause_writing(self) -> None:
+        if self.write_paused is None:
+            self.write_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        fut, self.write_paused = self.write_paused, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        log.info("connection from %s closed%s", self.peer, f": {exc}" if exc else "")
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        session = self.conn.session
+        # Commands still running stop at their next await; their buffers are released by the
+        # SCSI layer (never under a thread still doing I/O into them).
+        for fut in self.rx_waiters.values():
+            fut.cancel()
+        self.conn.connection_lost()
+        if session is not None:
+            scsi = self.server.scsi_target_for(session)
+            if scsi is not None:
+                scsi.nexus_lost(session.nexus)
+        self.resume_writing()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.server.connections.discard(self)
+
+    # ---- events ---------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        while (ev := conn.next_event()) is not None:
+            if isinstance(ev, CommandReady):
+                self._start_command(ev.command)
+            elif isinstance(ev, DataReady):
+                fut = self.rx_waiters.get(ev.command.itt)
+                if fut is not None and not fut.done():
+                    fut.set_result(ev.sg)
+                else:
+                    ev.sg.release()
+            elif isinstance(ev, TmfRequest):
+                self._track(self.loop.create_task(self._task_management(ev)))
+            elif isinstance(ev, LoginComplete):
+                log.info("%s logged in: %s (%s) tsih=%d", self.peer, ev.session.initiator_name,
+                         ev.session.session_type.name.lower(), ev.session.tsih)
+            elif isinstance(ev, SessionReinstated):
+                self.server.close_session(ev.old)
+            elif isinstance(ev, CloseConnection):
+                log.info("closing connection from %s: %s", self.peer, ev.reason)
+                self.flush()
+                self.close()
+        self.flush()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.server.background.add(task)
+        task.add_done_callback(self.server.background.discard)
+
+    def _start_command(self, cmd: Command) -> None:
+        session = self.conn.session
+        assert session is not None
+        scsi = self.server.scsi_target_for(session)
+        task = self.loop.create_task(self._run_command(cmd, scsi))
+        self.running[cmd.itt] = task
+        self._track(task)
+
+    async def _run_command(self, cmd: Command, scsi: object) -> None:
+        from sgtarget.scsi.target import ScsiTarget  # noqa: PLC0415 - keep import graph simple
+
+        assert isinstance(scsi, ScsiTarget)
+        try:
+            await scsi.execute(cmd.task, IscsiChannel(self, cmd))
+        except asyncio.CancelledError:
+            # Only the data wait was cancelled (abort or connection loss), not this task.
+            cmd.task.aborted = True
+        except Exception:
+            log.exception("command %#x failed unexpectedly", cmd.itt)
+            cmd.task.status = 0x02
+            cmd.task.sense = _INTERNAL_FAILURE_SENSE
+        finally:
+            self.running.pop(cmd.itt, None)
+            self.conn.complete(cmd)
+            self.flush()
+
+    async def _task_management(self, req: TmfRequest) -> None:
+        response = await self.server.task_management(self, req)
+        self.conn.tmf_done(req.itt, response)
+        self.flush()
+        if req.function == pdu.TmfFunction.TARGET_COLD_RESET:
+            self.server.close_all()
+
+    async def wait_commands(self, cmds: list[Command]) -> None:
+        """Abort-wait: wake the commands that wait for data, then wait until they finish."""
+        tasks = []
+        for cmd in cmds:
+            fut = self.rx_waiters.get(cmd.itt)
+            if fut is not None and not fut.done():
+                fut.cancel()
+            task = self.running.get(cmd.itt)
+            if task is not None:
+                tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # ---- output -----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        bufs, release = self.conn.take_output()
+        if bufs and self.transport is not None and not self.transport.is_closing():
+            self._send(bufs)
+        for sg in release:
+            sg.release()
+
+    def _send(self, bufs: list[BytesLike]) -> None:
+        transport = self.transport
+        assert transport is not None
+        sock = self._sock
+        if sock is not None and transport.get_write_buffer_size() == 0:
+            while bufs:
+                chunk = bufs[:_IOV_MAX]
+                try:
+                    sent = sock.sendmsg(chunk)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.info("send to %s failed: %s", self.peer, exc)
+                    transport.abort()
+                    return
+                bufs = _consume(bufs, sent)
+            if not bufs:
+                return
+        # The kernel is full: the transport buffers the rest (a copy, counted).
+        copied = 0
+        for buf in bufs:
+            transport.write(buf)
+            copied += len(buf)
+        self.server.pool.stats.copied_bytes += copied
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- timers --------------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._closing:
+            return
+        when = self.conn.get_timer()
+        delay = 1.0 if when is None else max(0.05, min(when - self.loop.time(), 5.0))
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.conn.handle_timer(self.loop.time())
+        self._pump()
+        self._arm_timer()
+
+    @property
+    def session(self) -> Session | None:
+        return self.conn.session
+
+
+def _consume(bufs: list[BytesLike], sent: int) -> list[BytesLike]:
+    """Drop ``sent`` bytes from the front of ``bufs`` (slicing, never copying)."""
+    i = 0
+    while i < len(bufs) and sent >= len(bufs[i]):
+        sent -= len(bufs[i])
+        i += 1
+    rest = bufs[i:]
+    if sent and rest:
+        rest[0] = memoryview(rest[0])[sent:]
+    return rest
+
+
+# HARDWARE ERROR / INTERNAL TARGET FAILURE, fixed format.
+_INTERNAL_FAILURE_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0, 0, 0, 0, 0])

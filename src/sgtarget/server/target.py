@@ -1,0 +1,158 @@
+"""The running target: portals, the pool, the SCSI target and its LUNs, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sgtarget.backstores.base import Backstore
+from sgtarget.datapath import DEFAULT_POOL_SIZE, Pool
+from sgtarget.iscsi import pdu
+from sgtarget.iscsi.connection import TmfRequest
+from sgtarget.iscsi.keys import TargetLimits
+from sgtarget.iscsi.session import Session, SessionTable, TargetDirectory, TargetInfo
+from sgtarget.scsi.lu import LogicalUnit
+from sgtarget.scsi.lun import decode_lun
+from sgtarget.scsi.target import ScsiTarget
+from sgtarget.server.portal import IscsiProtocol
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_IQN = "iqn.2026-11.org.sgtarget:target0"
+DEFAULT_PORT = 3260
+
+
+@dataclass
+class TargetConfig:
+    iqn: str = DEFAULT_IQN
+    portals: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", DEFAULT_PORT)])
+    backstores: list[Backstore] = field(default_factory=list)
+    pool_size: int = DEFAULT_POOL_SIZE
+    io_threads: int = 8
+    nop_interval: float | None = 30.0
+
+
+def format_portal(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TargetServer:
+    def __init__(self, config: TargetConfig) -> None:
+        self.config = config
+        self.pool = Pool(config.pool_size)
+        self.limits = TargetLimits()
+        self.sessions = SessionTable()
+        self.nop_interval = config.nop_interval
+        self.directory = TargetDirectory()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.io_threads, thread_name_prefix="sgtarget-io"
+        )
+        luns = [
+            LogicalUnit(bs, runner=self._run_blocking if bs.blocking else _run_inline,
+                        identity=f"{config.iqn}/lun{i}")
+            for i, bs in enumerate(config.backstores)
+        ]
+        self.scsi = ScsiTarget(config.iqn, luns)
+        self.connections: set[IscsiProtocol] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self.bound: list[tuple[str, int]] = []
+
+    async def _run_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn, *args)
+
+    def scsi_target_for(self, session: Session) -> ScsiTarget | None:
+        return self.scsi if session.target_name == self.scsi.name else None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.portals:
+            server = await loop.create_server(
+                lambda: IscsiProtocol(self), host, port, reuse_address=True
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self.bound.append((addr[0], addr[1]))
+        portals = tuple(format_portal(h, p) for h, p in self.bound)
+        self.directory.add(TargetInfo(self.config.iqn, portals=portals))
+
+    async def task_management(self, proto: IscsiProtocol, req: TmfRequest) -> int:
+        fn = req.function
+        scsi = self.scsi
+        cmds_by_proto: dict[IscsiProtocol, list[Any]] = {proto: list(req.commands)}
+        if fn in (pdu.TmfFunction.LOGICAL_UNIT_RESET, pdu.TmfFunction.ABORT_TASK_SET,
+                  pdu.TmfFunction.CLEAR_TASK_SET):
+            lun = decode_lun(req.lun)
+            if lun is None or lun not in scsi.luns:
+                return pdu.TmfResponse.LUN_DOES_NOT_EXIST
+        if fn in (pdu.TmfFunction.LOGICAL_UNIT_RESET, pdu.TmfFunction.CLEAR_TASK_SET):
+            for other in self.connections:
+                if other is not proto and other.session is not None:
+                    cmds = [c for c in list(other.session.commands.values()) if c.lun == req.lun]
+                    for c in cmds:
+                        other.conn.abort(c)
+                    cmds_by_proto[other] = cmds
+        elif fn in (pdu.TmfFunction.TARGET_WARM_RESET, pdu.TmfFunction.TARGET_COLD_RESET):
+            for other in self.connections:
+                if other is not proto and other.session is not None:
+                    cmds = list(other.session.commands.values())
+                    for c in cmds:
+                        other.conn.abort(c)
+                    cmds_by_proto[other] = cmds
+        await asyncio.gather(*(p.wait_commands(c) for p, c in cmds_by_proto.items()))
+        for p in cmds_by_proto:
+            p.flush()
+        if fn == pdu.TmfFunction.LOGICAL_UNIT_RESET:
+            scsi.lun_reset(decode_lun(req.lun) or 0)
+        elif fn == pdu.TmfFunction.TARGET_WARM_RESET:
+            scsi.target_reset(cold=False)
+        elif fn == pdu.TmfFunction.TARGET_COLD_RESET:
+            scsi.target_reset(cold=True)
+        return pdu.TmfResponse.COMPLETE
+
+    def close_session(self, session: Session) -> None:
+        for proto in list(self.connections):
+            if proto.session is session:
+                proto.abort()
+
+    def close_all(self) -> None:
+        for proto in list(self.connections):
+            proto.close()
+
+    async def shutdown(self, grace: float = 3.0) -> None:
+        """Stop accepting, let running commands finish (briefly), close, flush, release."""
+        for server in self._servers:
+            server.close()
+        running = [t for p in self.connections for t in p.running.values()]
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        for proto in list(self.connections):
+            proto.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=grace)
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=grace)
+        loop = asyncio.get_running_loop()
+        for bs in self.config.backstores:
+            try:
+                await loop.run_in_executor(self.executor, bs.close)
+            except Exception:
+                log.exception("closing backstore %s failed", bs.describe())
+        self.executor.shutdown(wait=True)
+
+
+async def _run_inline(fn: Callable[..., T], /, *args: Any) -> T:
+    return fn(*args)
+
+
+def describe_luns(backstores: Sequence[Backstore]) -> list[str]:
+    return [f"LUN {i}: {bs.describe()}" for i, bs in enumerate(backstores)]

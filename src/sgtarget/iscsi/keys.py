@@ -49,6 +49,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+# One Stage enum for the whole login (numbered as CSG/NSG); re-exported from here.
+from sgtarget.iscsi.login_states import Stage
+
 __all__ = [
     "KEYS",
     "Answer",
@@ -88,14 +91,6 @@ class NegotiationError(Exception):
 INITIATOR_ERROR = 0x00
 MISSING_PARAMETER = 0x07
 SESSION_TYPE_NOT_SUPPORTED = 0x09
-
-
-class Stage(enum.IntEnum):
-    """Login stage, numbered as the CSG/NSG fields of Login PDUs."""
-
-    SECURITY = 0
-    OPERATIONAL = 1
-    FULL_FEATURE = 3
 
 
 class SessionType(enum.Enum):

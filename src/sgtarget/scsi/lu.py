@@ -356,29 +356,38 @@ class LogicalUnit:
     async def _flush(self) -> None:
         try:
             await self._run(self.backstore.flush)
+            return
         except BackstoreError as exc:
-            log.warning("flush failed on %s: %s", self.identity, exc)
-            raise CheckCondition.of(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from exc
+            log.warning("flush failed on %s: %s", self.identity, str(exc))
+        raise CheckCondition.of(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR)
+
+    # Backstore errors become sense outside the ``except`` block and are logged as text: the
+    # exception's traceback holds the pool views its frames were given, and chaining it (or
+    # keeping it in a log record) would pin the arena.
 
     async def _read_into(self, sg: ScatterList, offset: int, n: int) -> None:
         try:
             await self._run(self.backstore.readv, offset, sg.views(0, n))
+            return
         except BackstoreError as exc:
-            log.warning("read of %d bytes at %d failed on %s: %s", n, offset, self.identity, exc)
-            raise CheckCondition.of(
-                SenseKey.MEDIUM_ERROR,
-                Asc.UNRECOVERED_READ_ERROR,
-                information=offset // self.block_size,
-            ) from exc
+            log.warning(
+                "read of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
+            )
+        raise CheckCondition.of(
+            SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR, information=offset // self.block_size
+        )
 
     async def _write_from(self, sg: ScatterList, offset: int, n: int) -> None:
         try:
             await self._run(self.backstore.writev, offset, sg.views(0, n))
+            return
         except BackstoreError as exc:
-            log.warning("write of %d bytes at %d failed on %s: %s", n, offset, self.identity, exc)
-            raise CheckCondition.of(
-                SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
-            ) from exc
+            log.warning(
+                "write of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
+            )
+        raise CheckCondition.of(
+            SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
+        )
 
     # ---- SPC commands ------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ def encode_lun(lun: int) -> bytes:
     return bytes((_FLAT | (lun >> 8), lun & 0xFF)) + bytes(6)
 
 
-
 def decode_lun(field: bytes) -> int | None:
     """The LUN number, or ``None`` for an address we do not serve (other methods, levels)."""
     if len(field) != 8 or any(field[2:]):

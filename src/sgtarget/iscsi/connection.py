@@ -152,6 +152,7 @@ class Connection:
         self._login_isid = b""
         self._login_itt: int | None = None
         self._login_text = bytearray()
+        self._tpgt_sent = False
         self._text_buf = bytearray()
         # Receive state: phase, header buffer, where the current data segment goes.
         self._phase = _RxPhase.BHS
@@ -231,6 +232,9 @@ class Connection:
         if self.state is ConnState.CLOSED and self.session is None:
             return
         self.state = transition(self.state, ConnEvent.TRANSPORT_CLOSED)
+        # Immediate data of a command still being received belongs to nobody yet.
+        _release_payload(self._pending_rx)
+        self._pending_rx = (None, 0)
         self._release_commands()
         session, self.session = self.session, None
         if session is not None:
@@ -582,6 +586,10 @@ class Connection:
             # Adding connections to a session needs MaxConnections > 1; we offer 1.
             self._login_reject(hdr, 0x02, 0x0A)
             return
+        if session_type is SessionType.NORMAL and not self._tpgt_sent:
+            # RFC 7143 §13.9: the first Login Response of a normal session carries it.
+            answer.append(("TargetPortalGroupTag", str(self.tpgt)))
+            self._tpgt_sent = True
         if hdr.transit and new_stage is Stage.FULL_FEATURE:
             self._login_stage = new_stage
             self._finish_login(hdr, answer, session_type)
@@ -983,7 +991,7 @@ class Connection:
             if key == "SendTargets":
                 answer += send_targets_response(
                     value,
-                    [(t.name, t.portals) for t in self.targets],
+                    [(t.name, [f"{a},{t.tpgt}" for a in t.portals]) for t in self.targets],
                     current_target=session.target_name,
                     discovery=session.session_type is SessionType.DISCOVERY,
                 )

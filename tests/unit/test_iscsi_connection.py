@@ -1,0 +1,504 @@
+"""The sans-I/O connection: login, full feature phase, data movement, malformed input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sgtarget.datapath import Pool, PoolExhausted
+from sgtarget.iscsi import pdu
+from sgtarget.iscsi.conn_states import ConnState
+from sgtarget.iscsi.connection import (
+    CloseConnection,
+    CommandReady,
+    DataReady,
+    LoginComplete,
+    TmfRequest,
+)
+from sgtarget.iscsi.keys import parse_text
+from sgtarget.iscsi.session import sn_le, sn_lt
+
+from .iscsi_peer import INITIATOR, TARGET, Peer, login_request, make_bhs
+
+READ10_1BLOCK = bytes.fromhex("28000000000000000100")
+
+
+def logged_in(extra: list[tuple[str, str]] | None = None, **kw: object) -> Peer:
+    peer = Peer(**kw)  # type: ignore[arg-type]
+    peer.login(extra)
+    assert peer.conn.state is ConnState.FULL_FEATURE
+    peer.take_events()
+    return peer
+
+
+# ---- login -----------------------------------------------------------------------------------
+
+
+def test_login_normal_session() -> None:
+    peer = Peer()
+    resp = peer.login([("MaxRecvDataSegmentLength", "8192")])
+    hdr = resp.hdr
+    assert hdr.transit and (hdr.csg, hdr.nsg) == (1, 3)
+    assert hdr.tsih != 0
+    assert hdr.itt == 1
+    assert hdr.w7 == 1  # ExpCmdSN = the login's CmdSN
+    keys = dict(parse_text(resp.data))
+    assert keys["TargetPortalGroupTag"] == "1"
+    assert int(keys["MaxRecvDataSegmentLength"]) >= 512
+    (ev,) = peer.take_events()
+    assert isinstance(ev, LoginComplete)
+    assert ev.session.initiator_name == INITIATOR
+    assert ev.session.target_name == TARGET
+
+
+def test_login_trickled_one_byte_at_a_time_matches_bulk() -> None:
+    req = login_request([("InitiatorName", INITIATOR), ("TargetName", TARGET)])
+    bulk, trickled = Peer(), Peer()
+    bulk.send(req)
+    trickled.send(req, trickle=True)
+    a = bulk.conn.take_output()[0]
+    b = trickled.conn.take_output()[0]
+    assert b"".join(bytes(x) for x in a) == b"".join(bytes(x) for x in b)
+    assert trickled.conn.state is ConnState.FULL_FEATURE
+
+
+def _login_status(pairs: list[tuple[str, str]], **kw: int) -> tuple[int, Peer]:
+    peer = Peer()
+    peer.send(login_request(pairs, **kw))  # type: ignore[arg-type]
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.LOGIN_RESPONSE
+    return resp.hdr.w9 >> 16, peer
+
+
+@pytest.mark.parametrize(
+    ("pairs", "kw", "status"),
+    [
+        ([("InitiatorName", INITIATOR), ("TargetName", "iqn.2026-11.nope:x")], {}, 0x0203),
+        ([("TargetName", TARGET)], {}, 0x0207),
+        ([("InitiatorName", INITIATOR)], {}, 0x0207),
+        ([("InitiatorName", INITIATOR), ("TargetName", TARGET)], {"version_min": 1}, 0x0205),
+        ([("InitiatorName", INITIATOR), ("TargetName", TARGET)], {"csg": 3}, 0x020B),
+        ([("InitiatorName", INITIATOR), ("TargetName", TARGET)], {"nsg": 2}, 0x020B),
+        ([("InitiatorName", INITIATOR), ("TargetName", TARGET)], {"tsih": 9}, 0x020A),
+    ],
+)
+def test_login_failures_answer_status_and_close(
+    pairs: list[tuple[str, str]], kw: dict[str, int], status: int
+) -> None:
+    got, peer = _login_status(pairs, **kw)
+    assert got == status
+    assert peer.conn.state is ConnState.CLOSED
+    assert any(isinstance(e, CloseConnection) for e in peer.take_events())
+
+
+def test_login_through_security_stage() -> None:
+    peer = Peer()
+    peer.send(login_request(
+        [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "None")],
+        csg=0, nsg=1,
+    ))
+    (resp,) = peer.received()
+    assert resp.hdr.w9 == 0 and resp.hdr.transit and (resp.hdr.csg, resp.hdr.nsg) == (0, 1)
+    assert dict(parse_text(resp.data))["AuthMethod"] == "None"
+    peer.send(login_request([("HeaderDigest", "None")], csg=1, nsg=3))
+    (resp,) = peer.received()
+    assert resp.hdr.w9 == 0 and resp.hdr.tsih != 0
+    assert peer.conn.state is ConnState.FULL_FEATURE
+
+
+def test_discovery_send_targets() -> None:
+    peer = Peer()
+    peer.login(session_type="Discovery")
+    data = b"SendTargets=All\0"
+    bhs = make_bhs(0x04, immediate=True, b1=0x80, dsl=len(data), itt=7,
+                   words=(0xFFFFFFFF, 1, 0))
+    peer.send(peer.frame(bhs, data))
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.TEXT_RESPONSE and resp.hdr.itt == 7 and resp.hdr.final
+    assert parse_text(resp.data) == [("TargetName", TARGET), ("TargetAddress", "127.0.0.1:3260,1")]
+
+
+def test_discovery_session_rejects_scsi_commands() -> None:
+    peer = Peer()
+    peer.login(session_type="Discovery")
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True)
+    (rej,) = peer.received()
+    assert rej.opcode == pdu.Opcode.REJECT and rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
+    assert not peer.ready_commands()
+
+
+# ---- digests ---------------------------------------------------------------------------------
+
+
+def nop_out(itt: int, data: bytes = b"", *, cmdsn: int = 1) -> tuple[bytes, bytes]:
+    return make_bhs(0x00, immediate=True, b1=0x80, dsl=len(data), itt=itt,
+                    words=(0xFFFFFFFF, cmdsn, 0)), data
+
+
+def test_nop_ping_is_echoed() -> None:
+    peer = logged_in()
+    bhs, data = nop_out(0x42, b"hello ping")
+    peer.send(peer.frame(bhs, data))
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.NOP_IN
+    assert resp.hdr.itt == 0x42 and resp.hdr.ttt == 0xFFFFFFFF
+    assert resp.data == b"hello ping"
+
+
+def test_digests_negotiated_and_checked() -> None:
+    peer = logged_in([("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")])
+    assert peer.header_digest and peer.data_digest
+    bhs, data = nop_out(0x43, b"abc")
+    peer.send(peer.frame(bhs, data))
+    (resp,) = peer.received()  # the peer verifies both digests of the answer
+    assert resp.data == b"abc"
+    # Corrupt the data digest: Reject with DATA_DIGEST_ERROR, connection stays.
+    framed = bytearray(peer.frame(*nop_out(0x44, b"abc")))
+    framed[-1] ^= 0xFF
+    peer.send(bytes(framed))
+    (rej,) = peer.received()
+    assert rej.opcode == pdu.Opcode.REJECT and rej.hdr.b2 == pdu.RejectReason.DATA_DIGEST_ERROR
+    assert rej.data[:48] == bhs[:1] + bytes(framed[1:48])
+    assert peer.conn.state is ConnState.FULL_FEATURE
+    # Corrupt the header digest: the length fields cannot be trusted, so the connection closes.
+    framed = bytearray(peer.frame(*nop_out(0x45)))
+    framed[50] ^= 0xFF
+    peer.send(bytes(framed))
+    assert peer.conn.state is ConnState.CLOSED
+    assert any(isinstance(e, CloseConnection) for e in peer.take_events())
+
+
+# ---- malformed PDUs --------------------------------------------------------------------------
+
+
+def test_unknown_opcode_is_rejected_with_header_echoed() -> None:
+    peer = logged_in()
+    bhs = make_bhs(0x1B, b1=0x80, dsl=5, itt=9)
+    peer.send(peer.frame(bhs, b"12345"))
+    (rej,) = peer.received()
+    assert rej.opcode == pdu.Opcode.REJECT
+    assert rej.hdr.b2 == pdu.RejectReason.COMMAND_NOT_SUPPORTED
+    assert rej.hdr.itt == 0xFFFFFFFF
+    assert rej.data == bhs
+    # The data segment was skipped exactly: the next PDU is understood.
+    peer.send(peer.frame(*nop_out(0x50)))
+    assert [p.opcode for p in peer.received()] == [pdu.Opcode.NOP_IN]
+
+
+def test_target_opcode_from_initiator_is_protocol_error() -> None:
+    peer = logged_in()
+    peer.send(make_bhs(0x21, b1=0x80, itt=9))
+    (rej,) = peer.received()
+    assert rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
+
+
+def test_oversize_data_segment_is_rejected_and_skipped() -> None:
+    peer = logged_in([("MaxRecvDataSegmentLength", "8192")])
+    limit = peer.conn.params.max_recv_data_segment_length if peer.conn.params else 0
+    big = bytes(limit + 4)
+    bhs, _ = nop_out(0x51, big)
+    peer.send(peer.frame(bhs, big))
+    (rej,) = peer.received()
+    assert rej.opcode == pdu.Opcode.REJECT and rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
+    peer.send(peer.frame(*nop_out(0x52, b"ok")))
+    (resp,) = peer.received()
+    assert resp.data == b"ok"
+
+
+def test_garbage_before_login_gets_login_reject_and_close() -> None:
+    peer = Peer()
+    peer.send(make_bhs(0x01, b1=0x80, itt=1))
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.LOGIN_RESPONSE and resp.hdr.w9 >> 24 == 2
+    assert peer.conn.state is ConnState.CLOSED
+
+
+def test_truncated_pdu_then_close_leaks_nothing() -> None:
+    peer = logged_in()
+    data = os.urandom(1000)
+    b1 = 0x80 | 0x20
+    words = (4096, 1, 0, 0x2A000000, 0, 0x00080000, 0)
+    bhs = make_bhs(0x01, b1=b1, dsl=len(data), itt=5, words=words)
+    peer.send(bhs + data[:300])  # cut in the middle of the immediate data
+    assert peer.pool.stats.blocks_in_use > 0
+    peer.conn.connection_lost()
+    assert peer.pool.stats.blocks_in_use == 0
+
+
+# ---- CmdSN window ------------------------------------------------------------------------------
+
+
+def test_serial_number_arithmetic_wraps() -> None:
+    assert sn_lt(0xFFFFFFFF, 0)
+    assert sn_le(5, 5)
+    assert not sn_lt(0, 0xFFFFFFFF)
+
+
+def test_cmdsn_outside_window_is_silently_ignored() -> None:
+    peer = logged_in()
+    session = peer.conn.session
+    assert session is not None
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True, cmdsn=session.max_cmdsn + 1)
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True, cmdsn=session.exp_cmdsn - 1)
+    assert peer.received() == []
+    assert peer.ready_commands() == []
+
+
+def test_commands_are_delivered_in_cmdsn_order() -> None:
+    peer = logged_in()
+    first = peer.cmdsn
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True, itt=0x2, cmdsn=first + 1)
+    assert peer.ready_commands() == []
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True, itt=0x1, cmdsn=first)
+    assert [e.command.itt for e in peer.ready_commands()] == [0x1, 0x2]
+
+
+# ---- reads -------------------------------------------------------------------------------------
+
+
+def test_read_is_split_by_initiator_mrdsl_and_status_folded() -> None:
+    peer = logged_in([("MaxRecvDataSegmentLength", "4096")])
+    payload = os.urandom(10000)
+    peer.scsi_command(READ10_1BLOCK, edtl=12000, read=True, itt=0x77)
+    (ready,) = peer.ready_commands()
+    cmd = ready.command
+    sg = peer.pool.alloc(len(payload))
+    sg.copy_in(payload)
+    cmd.task.transfer_length = len(payload)
+    peer.conn.send_data_in(cmd, sg, 0, len(payload), last=True)
+    peer.conn.complete(cmd)
+    pdus = peer.received()
+    assert [p.opcode for p in pdus] == [pdu.Opcode.DATA_IN] * 3
+    assert [len(p.data) for p in pdus] == [4096, 4096, 1808]
+    assert [p.hdr.datasn for p in pdus] == [0, 1, 2]
+    assert [p.hdr.buffer_offset for p in pdus] == [0, 4096, 8192]
+    assert b"".join(p.data for p in pdus) == payload
+    last = pdus[-1].hdr
+    assert last.b1 & pdu.F_STATUS and last.final and last.b3 == 0
+    assert last.b1 & pdu.F_UNDERFLOW and last.w11 == 2000
+    assert not pdus[0].hdr.b1 & pdu.F_STATUS
+    assert peer.pool.stats.blocks_in_use == 0
+
+
+def test_read_overflow_clips_to_edtl() -> None:
+    peer = logged_in()
+    peer.scsi_command(READ10_1BLOCK, edtl=200, read=True)
+    (ready,) = peer.ready_commands()
+    cmd = ready.command
+    sg = peer.pool.alloc(512)
+    sg.copy_in(b"x" * 512)
+    cmd.task.transfer_length = 512
+    peer.conn.send_data_in(cmd, sg, 0, 512, last=True)
+    peer.conn.complete(cmd)
+    (din,) = peer.received()
+    assert len(din.data) == 200
+    assert din.hdr.b1 & pdu.F_OVERFLOW and din.hdr.w11 == 312
+
+
+def test_check_condition_goes_in_scsi_response_with_sense() -> None:
+    peer = logged_in()
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True, itt=0x99)
+    (ready,) = peer.ready_commands()
+    cmd = ready.command
+    sense = bytes([0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0])
+    cmd.task.status = 2
+    cmd.task.sense = sense
+    cmd.task.transfer_length = 512
+    peer.conn.complete(cmd)
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE and resp.hdr.itt == 0x99
+    assert resp.hdr.b3 == 2
+    assert resp.data == len(sense).to_bytes(2, "big") + sense
+
+
+# ---- writes ------------------------------------------------------------------------------------
+
+
+WRITE_KEYS = [
+    ("InitialR2T", "No"),
+    ("ImmediateData", "Yes"),
+    ("FirstBurstLength", "8192"),
+    ("MaxBurstLength", "16384"),
+    ("MaxRecvDataSegmentLength", "8192"),
+]
+
+
+def test_write_immediate_unsolicited_and_solicited_data_land_in_place() -> None:
+    peer = logged_in(WRITE_KEYS)
+    params = peer.conn.params
+    assert params is not None and not params.initial_r2t and params.first_burst_length == 8192
+    payload = os.urandom(60000)
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=len(payload), write=True,
+                            data=payload[:4096])
+    peer.data_out(itt, 0xFFFFFFFF, 4096, payload[4096:8192], datasn=0)
+    (ready,) = peer.ready_commands()
+    cmd = ready.command
+    assert peer.conn.request_data(cmd, 0, len(payload)) is None
+    sent = 0
+    while True:
+        r2ts = [p for p in peer.received() if p.opcode == pdu.Opcode.R2T]
+        if not r2ts:
+            break
+        for r2t in r2ts:
+            off, n = r2t.hdr.buffer_offset, r2t.hdr.w11
+            assert n <= 16384
+            datasn = 0
+            for pos in range(off, off + n, 8192):
+                end = min(pos + 8192, off + n)
+                peer.data_out(itt, r2t.hdr.ttt, pos, payload[pos:end], datasn=datasn,
+                              final=end == off + n)
+                datasn += 1
+            sent += n
+    assert sent == len(payload) - 8192
+    (ev,) = peer.data_ready()
+    assert isinstance(ev, DataReady) and ev.command is cmd
+    assert ev.sg.to_bytes() == payload
+    ev.sg.release()
+    cmd.task.transfer_length = len(payload)
+    peer.conn.complete(cmd)
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE and resp.hdr.b3 == 0
+    assert resp.hdr.b1 & (pdu.F_OVERFLOW | pdu.F_UNDERFLOW) == 0
+    assert peer.pool.stats.blocks_in_use == 0
+    # Immediate and unsolicited data were received in place: nothing was copied.
+    assert peer.pool.stats.copied_bytes == 0
+
+
+def test_write_trickled_byte_by_byte() -> None:
+    peer = logged_in(WRITE_KEYS)
+    payload = os.urandom(3000)
+    itt = peer.next_itt()
+    b1 = 0x80 | 0x20
+    words = (3000, peer.cmdsn, 0, 0x2A000000, 0, 0)
+    bhs = make_bhs(0x01, b1=b1, dsl=3000, itt=itt, words=words)
+    peer.send(peer.frame(bhs, payload), trickle=True)
+    (ready,) = peer.ready_commands()
+    sg = peer.conn.request_data(ready.command, 0, 3000)
+    assert sg is not None and sg.to_bytes() == payload
+    sg.release()
+
+
+def test_data_out_with_wrong_datasn_is_rejected_and_closes() -> None:
+    peer = logged_in([*WRITE_KEYS[:1], ("ImmediateData", "No"), *WRITE_KEYS[2:]])
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=1024, write=True)
+    peer.data_out(itt, 0xFFFFFFFF, 0, bytes(512), datasn=0, final=False)
+    peer.data_out(itt, 0xFFFFFFFF, 512, bytes(512), datasn=0)
+    pdus = peer.received()
+    assert pdus[-1].opcode == pdu.Opcode.REJECT
+    assert pdus[-1].hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
+    assert peer.conn.state is ConnState.CLOSED
+
+
+def test_write_edtl_shorter_than_immediate_request_truncates() -> None:
+    peer = logged_in(WRITE_KEYS)
+    payload = os.urandom(4000)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=4000, write=True, data=payload)
+    (ready,) = peer.ready_commands()
+    sg = peer.conn.request_data(ready.command, 0, 512)
+    assert sg is not None and sg.to_bytes() == payload[:512]
+    sg.release()
+    ready.command.task.transfer_length = 512
+    peer.conn.complete(ready.command)
+    (resp,) = peer.received()
+    assert resp.hdr.b1 & pdu.F_UNDERFLOW and resp.hdr.w11 == 3488
+    assert peer.pool.stats.blocks_in_use == 0
+
+
+def test_immediate_data_without_pool_space_fails_typed() -> None:
+    peer = logged_in(WRITE_KEYS, pool=Pool(64 * 1024, 64 * 1024))
+    hog = peer.pool.alloc(64 * 1024)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=4096, write=True, data=bytes(4096))
+    (ready,) = peer.ready_commands()
+    with pytest.raises(PoolExhausted):
+        peer.conn.request_data(ready.command, 0, 4096)
+    hog.release()
+    ready.command.task.status = 0x28
+    peer.conn.complete(ready.command)
+    (resp,) = peer.received()
+    assert resp.hdr.b3 == 0x28
+    assert peer.pool.stats.blocks_in_use == 0
+
+
+# ---- task management and logout ------------------------------------------------------------------
+
+
+def tmf(function: int, *, itt: int, rtt: int = 0xFFFFFFFF, lun: int = 0) -> bytes:
+    return make_bhs(0x02, immediate=True, b1=0x80 | function, lun=lun << 48, itt=itt,
+                    words=(rtt, 1, 0, 0, 0))
+
+
+def test_abort_unknown_task_answers_task_does_not_exist() -> None:
+    peer = logged_in()
+    peer.send(tmf(pdu.TmfFunction.ABORT_TASK, itt=0x60, rtt=0x1234))
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.TASK_MGMT_RESPONSE and resp.hdr.itt == 0x60
+    assert resp.hdr.b2 == pdu.TmfResponse.TASK_DOES_NOT_EXIST
+
+
+def test_abort_task_suppresses_the_status() -> None:
+    peer = logged_in()
+    itt = peer.scsi_command(READ10_1BLOCK, edtl=512, read=True)
+    (ready,) = peer.ready_commands()
+    peer.send(tmf(pdu.TmfFunction.ABORT_TASK, itt=0x61, rtt=itt))
+    (ev,) = peer.take_events()
+    assert isinstance(ev, TmfRequest) and ev.commands == [ready.command]
+    assert ready.command.task.aborted
+    peer.conn.complete(ready.command)
+    peer.conn.tmf_done(ev.itt, pdu.TmfResponse.COMPLETE)
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.TASK_MGMT_RESPONSE and resp.hdr.b2 == 0
+
+
+def test_task_reassign_is_not_supported_at_erl0() -> None:
+    peer = logged_in()
+    peer.send(tmf(pdu.TmfFunction.TASK_REASSIGN, itt=0x62, rtt=1))
+    (resp,) = peer.received()
+    assert resp.hdr.b2 == pdu.TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+
+
+def test_logout_answers_and_closes() -> None:
+    peer = logged_in()
+    statsn = peer.conn.statsn
+    peer.send(make_bhs(0x06, immediate=True, b1=0x80, itt=0x70, words=(0, 1, 0)))
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.LOGOUT_RESPONSE and resp.hdr.b2 == 0
+    assert resp.hdr.w6 == statsn
+    assert peer.conn.state is ConnState.LOGGED_OUT
+    assert any(isinstance(e, CloseConnection) for e in peer.take_events())
+
+
+# ---- target-initiated pings --------------------------------------------------------------------
+
+
+def test_nop_in_ping_and_timeout() -> None:
+    peer = logged_in()
+    conn = peer.conn
+    conn._nop_interval = 10.0  # noqa: SLF001 - the ping interval is a constructor option
+    conn.note_activity(100.0)
+    assert conn.get_timer() == 110.0
+    conn.handle_timer(110.0)
+    (ping,) = peer.received()
+    assert ping.opcode == pdu.Opcode.NOP_IN and ping.hdr.itt == 0xFFFFFFFF
+    assert ping.hdr.ttt != 0xFFFFFFFF
+    # The initiator answers: no timeout.
+    reply = make_bhs(0x00, immediate=True, b1=0x80, itt=0xFFFFFFFF, words=(ping.hdr.ttt, 1, 0))
+    peer.send(reply)
+    assert conn.get_timer() == 110.0  # activity clock unchanged in this test; deadline cleared
+    conn.handle_timer(121.0)
+    (ping2,) = peer.received()
+    conn.handle_timer(121.0 + 16.0)
+    assert conn.state is ConnState.CLOSED
+    assert ping2.hdr.ttt != ping.hdr.ttt
+
+
+def test_ready_command_carries_scsi_task_fields() -> None:
+    peer = logged_in()
+    peer.scsi_command(READ10_1BLOCK, edtl=512, read=True, lun=3)
+    (ev,) = peer.ready_commands()
+    assert isinstance(ev, CommandReady)
+    task = ev.command.task
+    assert task.cdb[:10] == READ10_1BLOCK
+    assert task.lun == bytes([0, 3, 0, 0, 0, 0, 0, 0])
+    assert task.expected_length == 512
+    assert task.nexus is not None and INITIATOR in task.nexus.key

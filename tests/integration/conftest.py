@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import StartTarget, Target, start_target
+
+from .harness import StartTarget, Target, start_target
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scsi_fakes import NEXUS, OTHER_NEXUS, FakeChannel, MemBackstore, make_task, run
+from .scsi_fakes import NEXUS, OTHER_NEXUS, FakeChannel, MemBackstore, make_task, run
 
 from sgtarget.backstores.base import Backstore, Buffers
 from sgtarget.datapath import Pool

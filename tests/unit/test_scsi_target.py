@@ -6,7 +6,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from scsi_fakes import MemBackstore, run
+from .scsi_fakes import MemBackstore, run
 
 from sgtarget.datapath import Pool
 from sgtarget.scsi.constants import Status

@@ -29,27 +29,57 @@ class Pdu:
 
     @property
     def opcode(self) -> int:
-        return self.hdr.opcode
+        return int(self.hdr.opcode)
 
 
-def make_bhs(opcode: int, *, immediate: bool = False, b1: int = 0x80, b2: int = 0, b3: int = 0,
-             dsl: int = 0, lun: int = 0, itt: int = 0, words: tuple[int, ...] = (),
-             ahs_words: int = 0) -> bytes:
+def make_bhs(
+    opcode: int,
+    *,
+    immediate: bool = False,
+    b1: int = 0x80,
+    b2: int = 0,
+    b3: int = 0,
+    dsl: int = 0,
+    lun: int = 0,
+    itt: int = 0,
+    words: tuple[int, ...] = (),
+    ahs_words: int = 0,
+) -> bytes:
     """A BHS built field by field with struct (independent of the code under test)."""
     w = list(words) + [0] * (7 - len(words))
     return struct.pack(
-        ">BBBBB3sQI7I", opcode | (0x40 if immediate else 0), b1, b2, b3, ahs_words,
-        dsl.to_bytes(3, "big"), lun, itt, *w,
+        ">BBBBB3sQI7I",
+        opcode | (0x40 if immediate else 0),
+        b1,
+        b2,
+        b3,
+        ahs_words,
+        dsl.to_bytes(3, "big"),
+        lun,
+        itt,
+        *w,
     )
 
 
-def login_request(pairs: list[tuple[str, str]], *, csg: int = 1, nsg: int = 3,
-                  transit: bool = True, itt: int = 1, cmdsn: int = 1, tsih: int = 0,
-                  isid: bytes = ISID, version_min: int = 0) -> bytes:
+def login_request(
+    pairs: list[tuple[str, str]],
+    *,
+    csg: int = 1,
+    nsg: int = 3,
+    transit: bool = True,
+    itt: int = 1,
+    cmdsn: int = 1,
+    tsih: int = 0,
+    isid: bytes = ISID,
+    version_min: int = 0,
+) -> bytes:
     data = encode_text(pairs)
     b1 = (0x80 if transit else 0) | (csg << 2) | nsg
-    bhs = bytearray(make_bhs(0x03, immediate=True, b1=b1, b3=version_min, dsl=len(data),
-                             itt=itt, words=(0, cmdsn, 0)))
+    bhs = bytearray(
+        make_bhs(
+            0x03, immediate=True, b1=b1, b3=version_min, dsl=len(data), itt=itt, words=(0, cmdsn, 0)
+        )
+    )
     bhs[8:14] = isid
     bhs[14:16] = tsih.to_bytes(2, "big")
     return bytes(bhs) + data + pdu.pad_for(len(data))
@@ -71,8 +101,13 @@ class Peer:
 
     def __post_init__(self) -> None:
         targets = TargetDirectory([TargetInfo(TARGET, portals=("127.0.0.1:3260",))])
-        self.conn = Connection(pool=self.pool, targets=targets, sessions=SessionTable(),
-                               limits=self.limits, nop_interval=None)
+        self.conn = Connection(
+            pool=self.pool,
+            targets=targets,
+            sessions=SessionTable(),
+            limits=self.limits,
+            nop_interval=None,
+        )
 
     # -- sending ------------------------------------------------------------------------
     def send(self, raw: bytes, *, trickle: bool = False) -> None:
@@ -96,8 +131,9 @@ class Peer:
                 out += digest_of([data, pad])
         return out
 
-    def login(self, extra: list[tuple[str, str]] | None = None, *, session_type: str = "Normal"
-              ) -> Pdu:
+    def login(
+        self, extra: list[tuple[str, str]] | None = None, *, session_type: str = "Normal"
+    ) -> Pdu:
         pairs = [("InitiatorName", INITIATOR), ("SessionType", session_type)]
         if session_type == "Normal":
             pairs.append(("TargetName", TARGET))
@@ -115,25 +151,51 @@ class Peer:
         self.itt += 1
         return self.itt
 
-    def scsi_command(self, cdb: bytes, *, edtl: int, read: bool = False, write: bool = False,
-                     data: bytes = b"", lun: int = 0, immediate: bool = False,
-                     itt: int | None = None, cmdsn: int | None = None) -> int:
+    def scsi_command(
+        self,
+        cdb: bytes,
+        *,
+        edtl: int,
+        read: bool = False,
+        write: bool = False,
+        data: bytes = b"",
+        lun: int = 0,
+        immediate: bool = False,
+        itt: int | None = None,
+        cmdsn: int | None = None,
+    ) -> int:
         itt = self.next_itt() if itt is None else itt
         if cmdsn is None:
             cmdsn = self.cmdsn
             if not immediate:
                 self.cmdsn += 1
         b1 = 0x80 | (0x40 if read else 0) | (0x20 if write else 0) | 0x01
-        words = (edtl, cmdsn, 0) + struct.unpack(">4I", cdb.ljust(16, b"\0"))
-        bhs = make_bhs(0x01, immediate=immediate, b1=b1, dsl=len(data), lun=lun << 48,
-                       itt=itt, words=words)
+        words = (edtl, cmdsn, 0, *struct.unpack(">4I", cdb.ljust(16, b"\x00")))
+        bhs = make_bhs(
+            0x01, immediate=immediate, b1=b1, dsl=len(data), lun=lun << 48, itt=itt, words=words
+        )
         self.send(self.frame(bhs, data))
         return itt
 
-    def data_out(self, itt: int, ttt: int, offset: int, data: bytes, *, datasn: int,
-                 final: bool = True, lun: int = 0) -> None:
-        bhs = make_bhs(0x05, b1=0x80 if final else 0, dsl=len(data), lun=lun << 48, itt=itt,
-                       words=(ttt, 0, 0, 0, datasn, offset, 0))
+    def data_out(
+        self,
+        itt: int,
+        ttt: int,
+        offset: int,
+        data: bytes,
+        *,
+        datasn: int,
+        final: bool = True,
+        lun: int = 0,
+    ) -> None:
+        bhs = make_bhs(
+            0x05,
+            b1=0x80 if final else 0,
+            dsl=len(data),
+            lun=lun << 48,
+            itt=itt,
+            words=(ttt, 0, 0, 0, datasn, offset, 0),
+        )
         self.send(self.frame(bhs, data))
 
     # -- receiving ----------------------------------------------------------------------

@@ -24,6 +24,12 @@ from .iscsi_peer import INITIATOR, TARGET, Peer, login_request, make_bhs
 READ10_1BLOCK = bytes.fromhex("28000000000000000100")
 
 
+def assert_closed(peer: Peer) -> None:
+    """Separate function: mypy narrows ``conn.state`` across calls that change it."""
+    assert peer.conn.state is ConnState.CLOSED
+    assert any(isinstance(e, CloseConnection) for e in peer.take_events())
+
+
 def logged_in(extra: list[tuple[str, str]] | None = None, **kw: object) -> Peer:
     peer = Peer(**kw)  # type: ignore[arg-type]
     peer.login(extra)
@@ -39,7 +45,8 @@ def test_login_normal_session() -> None:
     peer = Peer()
     resp = peer.login([("MaxRecvDataSegmentLength", "8192")])
     hdr = resp.hdr
-    assert hdr.transit and (hdr.csg, hdr.nsg) == (1, 3)
+    assert hdr.transit
+    assert (hdr.csg, hdr.nsg) == (1, 3)
     assert hdr.tsih != 0
     assert hdr.itt == 1
     assert hdr.w7 == 1  # ExpCmdSN = the login's CmdSN
@@ -94,16 +101,22 @@ def test_login_failures_answer_status_and_close(
 
 def test_login_through_security_stage() -> None:
     peer = Peer()
-    peer.send(login_request(
-        [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "None")],
-        csg=0, nsg=1,
-    ))
+    peer.send(
+        login_request(
+            [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "None")],
+            csg=0,
+            nsg=1,
+        )
+    )
     (resp,) = peer.received()
-    assert resp.hdr.w9 == 0 and resp.hdr.transit and (resp.hdr.csg, resp.hdr.nsg) == (0, 1)
+    assert resp.hdr.w9 == 0
+    assert resp.hdr.transit
+    assert (resp.hdr.csg, resp.hdr.nsg) == (0, 1)
     assert dict(parse_text(resp.data))["AuthMethod"] == "None"
     peer.send(login_request([("HeaderDigest", "None")], csg=1, nsg=3))
     (resp,) = peer.received()
-    assert resp.hdr.w9 == 0 and resp.hdr.tsih != 0
+    assert resp.hdr.w9 == 0
+    assert resp.hdr.tsih != 0
     assert peer.conn.state is ConnState.FULL_FEATURE
 
 
@@ -111,11 +124,12 @@ def test_discovery_send_targets() -> None:
     peer = Peer()
     peer.login(session_type="Discovery")
     data = b"SendTargets=All\0"
-    bhs = make_bhs(0x04, immediate=True, b1=0x80, dsl=len(data), itt=7,
-                   words=(0xFFFFFFFF, 1, 0))
+    bhs = make_bhs(0x04, immediate=True, b1=0x80, dsl=len(data), itt=7, words=(0xFFFFFFFF, 1, 0))
     peer.send(peer.frame(bhs, data))
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.TEXT_RESPONSE and resp.hdr.itt == 7 and resp.hdr.final
+    assert resp.opcode == pdu.Opcode.TEXT_RESPONSE
+    assert resp.hdr.itt == 7
+    assert resp.hdr.final
     assert parse_text(resp.data) == [("TargetName", TARGET), ("TargetAddress", "127.0.0.1:3260,1")]
 
 
@@ -124,7 +138,8 @@ def test_discovery_session_rejects_scsi_commands() -> None:
     peer.login(session_type="Discovery")
     peer.scsi_command(READ10_1BLOCK, edtl=512, read=True)
     (rej,) = peer.received()
-    assert rej.opcode == pdu.Opcode.REJECT and rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
+    assert rej.opcode == pdu.Opcode.REJECT
+    assert rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
     assert not peer.ready_commands()
 
 
@@ -132,8 +147,9 @@ def test_discovery_session_rejects_scsi_commands() -> None:
 
 
 def nop_out(itt: int, data: bytes = b"", *, cmdsn: int = 1) -> tuple[bytes, bytes]:
-    return make_bhs(0x00, immediate=True, b1=0x80, dsl=len(data), itt=itt,
-                    words=(0xFFFFFFFF, cmdsn, 0)), data
+    return make_bhs(
+        0x00, immediate=True, b1=0x80, dsl=len(data), itt=itt, words=(0xFFFFFFFF, cmdsn, 0)
+    ), data
 
 
 def test_nop_ping_is_echoed() -> None:
@@ -142,13 +158,15 @@ def test_nop_ping_is_echoed() -> None:
     peer.send(peer.frame(bhs, data))
     (resp,) = peer.received()
     assert resp.opcode == pdu.Opcode.NOP_IN
-    assert resp.hdr.itt == 0x42 and resp.hdr.ttt == 0xFFFFFFFF
+    assert resp.hdr.itt == 0x42
+    assert resp.hdr.ttt == 0xFFFFFFFF
     assert resp.data == b"hello ping"
 
 
 def test_digests_negotiated_and_checked() -> None:
     peer = logged_in([("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")])
-    assert peer.header_digest and peer.data_digest
+    assert peer.header_digest
+    assert peer.data_digest
     bhs, data = nop_out(0x43, b"abc")
     peer.send(peer.frame(bhs, data))
     (resp,) = peer.received()  # the peer verifies both digests of the answer
@@ -158,15 +176,15 @@ def test_digests_negotiated_and_checked() -> None:
     framed[-1] ^= 0xFF
     peer.send(bytes(framed))
     (rej,) = peer.received()
-    assert rej.opcode == pdu.Opcode.REJECT and rej.hdr.b2 == pdu.RejectReason.DATA_DIGEST_ERROR
+    assert rej.opcode == pdu.Opcode.REJECT
+    assert rej.hdr.b2 == pdu.RejectReason.DATA_DIGEST_ERROR
     assert rej.data[:48] == bhs[:1] + bytes(framed[1:48])
     assert peer.conn.state is ConnState.FULL_FEATURE
     # Corrupt the header digest: the length fields cannot be trusted, so the connection closes.
     framed = bytearray(peer.frame(*nop_out(0x45)))
     framed[50] ^= 0xFF
     peer.send(bytes(framed))
-    assert peer.conn.state is ConnState.CLOSED
-    assert any(isinstance(e, CloseConnection) for e in peer.take_events())
+    assert_closed(peer)
 
 
 # ---- malformed PDUs --------------------------------------------------------------------------
@@ -200,7 +218,8 @@ def test_oversize_data_segment_is_rejected_and_skipped() -> None:
     bhs, _ = nop_out(0x51, big)
     peer.send(peer.frame(bhs, big))
     (rej,) = peer.received()
-    assert rej.opcode == pdu.Opcode.REJECT and rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
+    assert rej.opcode == pdu.Opcode.REJECT
+    assert rej.hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
     peer.send(peer.frame(*nop_out(0x52, b"ok")))
     (resp,) = peer.received()
     assert resp.data == b"ok"
@@ -210,7 +229,8 @@ def test_garbage_before_login_gets_login_reject_and_close() -> None:
     peer = Peer()
     peer.send(make_bhs(0x01, b1=0x80, itt=1))
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.LOGIN_RESPONSE and resp.hdr.w9 >> 24 == 2
+    assert resp.opcode == pdu.Opcode.LOGIN_RESPONSE
+    assert resp.hdr.w9 >> 24 == 2
     assert peer.conn.state is ConnState.CLOSED
 
 
@@ -275,8 +295,11 @@ def test_read_is_split_by_initiator_mrdsl_and_status_folded() -> None:
     assert [p.hdr.buffer_offset for p in pdus] == [0, 4096, 8192]
     assert b"".join(p.data for p in pdus) == payload
     last = pdus[-1].hdr
-    assert last.b1 & pdu.F_STATUS and last.final and last.b3 == 0
-    assert last.b1 & pdu.F_UNDERFLOW and last.w11 == 2000
+    assert last.b1 & pdu.F_STATUS
+    assert last.final
+    assert last.b3 == 0
+    assert last.b1 & pdu.F_UNDERFLOW
+    assert last.w11 == 2000
     assert not pdus[0].hdr.b1 & pdu.F_STATUS
     assert peer.pool.stats.blocks_in_use == 0
 
@@ -293,7 +316,8 @@ def test_read_overflow_clips_to_edtl() -> None:
     peer.conn.complete(cmd)
     (din,) = peer.received()
     assert len(din.data) == 200
-    assert din.hdr.b1 & pdu.F_OVERFLOW and din.hdr.w11 == 312
+    assert din.hdr.b1 & pdu.F_OVERFLOW
+    assert din.hdr.w11 == 312
 
 
 def test_check_condition_goes_in_scsi_response_with_sense() -> None:
@@ -307,7 +331,8 @@ def test_check_condition_goes_in_scsi_response_with_sense() -> None:
     cmd.task.transfer_length = 512
     peer.conn.complete(cmd)
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE and resp.hdr.itt == 0x99
+    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE
+    assert resp.hdr.itt == 0x99
     assert resp.hdr.b3 == 2
     assert resp.data == len(sense).to_bytes(2, "big") + sense
 
@@ -327,10 +352,11 @@ WRITE_KEYS = [
 def test_write_immediate_unsolicited_and_solicited_data_land_in_place() -> None:
     peer = logged_in(WRITE_KEYS)
     params = peer.conn.params
-    assert params is not None and not params.initial_r2t and params.first_burst_length == 8192
+    assert params is not None
+    assert not params.initial_r2t
+    assert params.first_burst_length == 8192
     payload = os.urandom(60000)
-    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=len(payload), write=True,
-                            data=payload[:4096])
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=len(payload), write=True, data=payload[:4096])
     peer.data_out(itt, 0xFFFFFFFF, 4096, payload[4096:8192], datasn=0)
     (ready,) = peer.ready_commands()
     cmd = ready.command
@@ -343,22 +369,23 @@ def test_write_immediate_unsolicited_and_solicited_data_land_in_place() -> None:
         for r2t in r2ts:
             off, n = r2t.hdr.buffer_offset, r2t.hdr.w11
             assert n <= 16384
-            datasn = 0
-            for pos in range(off, off + n, 8192):
+            for datasn, pos in enumerate(range(off, off + n, 8192)):
                 end = min(pos + 8192, off + n)
-                peer.data_out(itt, r2t.hdr.ttt, pos, payload[pos:end], datasn=datasn,
-                              final=end == off + n)
-                datasn += 1
+                peer.data_out(
+                    itt, r2t.hdr.ttt, pos, payload[pos:end], datasn=datasn, final=end == off + n
+                )
             sent += n
     assert sent == len(payload) - 8192
     (ev,) = peer.data_ready()
-    assert isinstance(ev, DataReady) and ev.command is cmd
+    assert isinstance(ev, DataReady)
+    assert ev.command is cmd
     assert ev.sg.to_bytes() == payload
     ev.sg.release()
     cmd.task.transfer_length = len(payload)
     peer.conn.complete(cmd)
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE and resp.hdr.b3 == 0
+    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE
+    assert resp.hdr.b3 == 0
     assert resp.hdr.b1 & (pdu.F_OVERFLOW | pdu.F_UNDERFLOW) == 0
     assert peer.pool.stats.blocks_in_use == 0
     # Immediate and unsolicited data were received in place: nothing was copied.
@@ -375,7 +402,8 @@ def test_write_trickled_byte_by_byte() -> None:
     peer.send(peer.frame(bhs, payload), trickle=True)
     (ready,) = peer.ready_commands()
     sg = peer.conn.request_data(ready.command, 0, 3000)
-    assert sg is not None and sg.to_bytes() == payload
+    assert sg is not None
+    assert sg.to_bytes() == payload
     sg.release()
 
 
@@ -396,12 +424,14 @@ def test_write_edtl_shorter_than_immediate_request_truncates() -> None:
     peer.scsi_command(b"\x2a" + bytes(9), edtl=4000, write=True, data=payload)
     (ready,) = peer.ready_commands()
     sg = peer.conn.request_data(ready.command, 0, 512)
-    assert sg is not None and sg.to_bytes() == payload[:512]
+    assert sg is not None
+    assert sg.to_bytes() == payload[:512]
     sg.release()
     ready.command.task.transfer_length = 512
     peer.conn.complete(ready.command)
     (resp,) = peer.received()
-    assert resp.hdr.b1 & pdu.F_UNDERFLOW and resp.hdr.w11 == 3488
+    assert resp.hdr.b1 & pdu.F_UNDERFLOW
+    assert resp.hdr.w11 == 3488
     assert peer.pool.stats.blocks_in_use == 0
 
 
@@ -424,15 +454,17 @@ def test_immediate_data_without_pool_space_fails_typed() -> None:
 
 
 def tmf(function: int, *, itt: int, rtt: int = 0xFFFFFFFF, lun: int = 0) -> bytes:
-    return make_bhs(0x02, immediate=True, b1=0x80 | function, lun=lun << 48, itt=itt,
-                    words=(rtt, 1, 0, 0, 0))
+    return make_bhs(
+        0x02, immediate=True, b1=0x80 | function, lun=lun << 48, itt=itt, words=(rtt, 1, 0, 0, 0)
+    )
 
 
 def test_abort_unknown_task_answers_task_does_not_exist() -> None:
     peer = logged_in()
     peer.send(tmf(pdu.TmfFunction.ABORT_TASK, itt=0x60, rtt=0x1234))
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.TASK_MGMT_RESPONSE and resp.hdr.itt == 0x60
+    assert resp.opcode == pdu.Opcode.TASK_MGMT_RESPONSE
+    assert resp.hdr.itt == 0x60
     assert resp.hdr.b2 == pdu.TmfResponse.TASK_DOES_NOT_EXIST
 
 
@@ -442,12 +474,14 @@ def test_abort_task_suppresses_the_status() -> None:
     (ready,) = peer.ready_commands()
     peer.send(tmf(pdu.TmfFunction.ABORT_TASK, itt=0x61, rtt=itt))
     (ev,) = peer.take_events()
-    assert isinstance(ev, TmfRequest) and ev.commands == [ready.command]
+    assert isinstance(ev, TmfRequest)
+    assert ev.commands == [ready.command]
     assert ready.command.task.aborted
     peer.conn.complete(ready.command)
     peer.conn.tmf_done(ev.itt, pdu.TmfResponse.COMPLETE)
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.TASK_MGMT_RESPONSE and resp.hdr.b2 == 0
+    assert resp.opcode == pdu.Opcode.TASK_MGMT_RESPONSE
+    assert resp.hdr.b2 == 0
 
 
 def test_task_reassign_is_not_supported_at_erl0() -> None:
@@ -462,7 +496,8 @@ def test_logout_answers_and_closes() -> None:
     statsn = peer.conn.statsn
     peer.send(make_bhs(0x06, immediate=True, b1=0x80, itt=0x70, words=(0, 1, 0)))
     (resp,) = peer.received()
-    assert resp.opcode == pdu.Opcode.LOGOUT_RESPONSE and resp.hdr.b2 == 0
+    assert resp.opcode == pdu.Opcode.LOGOUT_RESPONSE
+    assert resp.hdr.b2 == 0
     assert resp.hdr.w6 == statsn
     assert peer.conn.state is ConnState.LOGGED_OUT
     assert any(isinstance(e, CloseConnection) for e in peer.take_events())
@@ -474,12 +509,13 @@ def test_logout_answers_and_closes() -> None:
 def test_nop_in_ping_and_timeout() -> None:
     peer = logged_in()
     conn = peer.conn
-    conn._nop_interval = 10.0  # noqa: SLF001 - the ping interval is a constructor option
+    conn._nop_interval = 10.0
     conn.note_activity(100.0)
     assert conn.get_timer() == 110.0
     conn.handle_timer(110.0)
     (ping,) = peer.received()
-    assert ping.opcode == pdu.Opcode.NOP_IN and ping.hdr.itt == 0xFFFFFFFF
+    assert ping.opcode == pdu.Opcode.NOP_IN
+    assert ping.hdr.itt == 0xFFFFFFFF
     assert ping.hdr.ttt != 0xFFFFFFFF
     # The initiator answers: no timeout.
     reply = make_bhs(0x00, immediate=True, b1=0x80, itt=0xFFFFFFFF, words=(ping.hdr.ttt, 1, 0))
@@ -501,4 +537,5 @@ def test_ready_command_carries_scsi_task_fields() -> None:
     assert task.cdb[:10] == READ10_1BLOCK
     assert task.lun == bytes([0, 3, 0, 0, 0, 0, 0, 0])
     assert task.expected_length == 512
-    assert task.nexus is not None and INITIATOR in task.nexus.key
+    assert task.nexus is not None
+    assert INITIATOR in task.nexus.key

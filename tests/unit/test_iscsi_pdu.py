@@ -53,12 +53,12 @@ def test_decode_lengths_and_immediate() -> None:
 
 def test_decode_login_fields() -> None:
     raw = bytes.fromhex(
-        "4387 0000 00000010 400001370000 0000 00000001 0002 0000 00000009 0000000a"
-        + "00" * 16
+        "4387 0000 00000010 400001370000 0000 00000001 0002 0000 00000009 0000000a" + "00" * 16
     )
     hdr = pdu.Header(raw)
     assert hdr.opcode == pdu.Opcode.LOGIN_REQUEST
-    assert hdr.transit and not hdr.cont
+    assert hdr.transit
+    assert not hdr.cont
     assert (hdr.csg, hdr.nsg) == (1, 3)
     assert hdr.isid == bytes.fromhex("400001370000")
     assert hdr.tsih == 0
@@ -69,23 +69,39 @@ def test_decode_login_fields() -> None:
 
 
 def test_build_nop_in_golden() -> None:
-    bhs = pdu.build(pdu.Opcode.NOP_IN, data_len=5, itt=0x11223344, w5=0xFFFFFFFF, w6=1, w7=2,
-                    w8=3)
+    bhs = pdu.build(pdu.Opcode.NOP_IN, data_len=5, itt=0x11223344, w5=0xFFFFFFFF, w6=1, w7=2, w8=3)
     assert bytes(bhs) == bytes.fromhex(
-        "20800000" "00000005" "0000000000000000" "11223344" "ffffffff" "00000001" "00000002"
-        "00000003" + "00" * 12
+        "2080000000000005000000000000000011223344ffffffff000000010000000200000003" + "00" * 12
     )
 
 
 def test_build_login_response_golden() -> None:
     bhs = pdu.build_login_response(
-        transit=True, cont=False, csg=1, nsg=3, isid=bytes.fromhex("400001370000"), tsih=7,
-        itt=0x10, statsn=0x20, exp_cmdsn=9, max_cmdsn=0x88, status_class=2, status_detail=3,
+        transit=True,
+        cont=False,
+        csg=1,
+        nsg=3,
+        isid=bytes.fromhex("400001370000"),
+        tsih=7,
+        itt=0x10,
+        statsn=0x20,
+        exp_cmdsn=9,
+        max_cmdsn=0x88,
+        status_class=2,
+        status_detail=3,
         data_len=0,
     )
     assert bytes(bhs) == bytes.fromhex(
-        "23870000" "00000000" "400001370000" "0007" "00000010" "00000000" "00000020"
-        "00000009" "00000088" "02030000" + "00" * 8
+        "23870000"
+        "00000000"
+        "400001370000"
+        "0007"
+        "00000010"
+        "00000000"
+        "00000020"
+        "00000009"
+        "00000088"
+        "02030000" + "00" * 8
     )
 
 
@@ -95,7 +111,14 @@ def test_sense_segment() -> None:
 
 @pytest.mark.parametrize(
     ("n", "padded", "pad"),
-    [(0, 0, b""), (1, 4, b"\0\0\0"), (2, 4, b"\0\0"), (3, 4, b"\0"), (4, 4, b""), (5, 8, b"\0\0\0")],
+    [
+        (0, 0, b""),
+        (1, 4, b"\0\0\0"),
+        (2, 4, b"\0\0"),
+        (3, 4, b"\0"),
+        (4, 4, b""),
+        (5, 8, b"\0\0\0"),
+    ],
 )
 def test_padding(n: int, padded: int, pad: bytes) -> None:
     assert pdu.padded(n) == padded
@@ -105,7 +128,8 @@ def test_padding(n: int, padded: int, pad: bytes) -> None:
 @given(st.integers(min_value=0, max_value=(1 << 24) - 1))
 def test_padded_is_smallest_multiple_of_four(n: int) -> None:
     p = pdu.padded(n)
-    assert p % 4 == 0 and n <= p < n + 4
+    assert p % 4 == 0
+    assert n <= p < n + 4
     assert len(pdu.pad_for(n)) == p - n
 
 

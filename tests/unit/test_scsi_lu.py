@@ -11,7 +11,6 @@ from typing import ClassVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from .scsi_fakes import NEXUS, OTHER_NEXUS, FakeChannel, MemBackstore, make_task, run
 
 from sgtarget.backstores.base import Backstore, Buffers
 from sgtarget.datapath import Pool
@@ -19,6 +18,8 @@ from sgtarget.scsi.constants import Status
 from sgtarget.scsi.lu import COMMANDS, IO_WINDOW, LogicalUnit
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline
+
+from .scsi_fakes import NEXUS, OTHER_NEXUS, FakeChannel, MemBackstore, make_task, run
 
 BS = 512
 NBLOCKS = 32768  # 16 MiB

@@ -6,13 +6,14 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from .scsi_fakes import MemBackstore, run
 
 from sgtarget.datapath import Pool
 from sgtarget.scsi.constants import Status
 from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline
+
+from .scsi_fakes import MemBackstore, run
 
 BS = 512
 

@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import sgtarget
 from sgtarget.cli.specs import LunSpec, build_backstore, parse_iqn, parse_lun_spec, parse_portal
@@ -15,6 +16,7 @@ from sgtarget.cli.specs import parse_size as _parse_size
 from sgtarget.datapath import DEFAULT_POOL_SIZE
 
 DEFAULT_LUN_SIZE = "1G"
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,10 +25,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sgtarget: error: {message}\n")
 
 
-def _arg(parse: object, name: str) -> object:
-    def convert(text: str) -> object:
+def _arg(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    def convert(text: str) -> T:
         try:
-            return parse(text)  # type: ignore[operator]
+            return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -54,21 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
         "LUN 0 a persistent 1 GiB sparse file in the data directory.",
     )
     serve.error = _Parser.error.__get__(serve)  # type: ignore[method-assign]
-    serve.add_argument("--portal", action="append", type=_arg(parse_portal, "portal"),
-                       metavar="HOST:PORT", help="address to listen on (repeatable; "
-                       "default 127.0.0.1:3260)")
-    serve.add_argument("--target", type=_arg(parse_iqn, "iqn"), metavar="IQN",
-                       help="target name")
-    serve.add_argument("--lun", action="append", type=_arg(parse_lun_spec, "lun"),
-                       metavar="SPEC", help="file:PATH[,size=SIZE] | ram:size=SIZE | "
-                       "null:size=SIZE (repeatable; LUNs are numbered from 0 in order)")
-    serve.add_argument("--pool", type=_arg(_parse_size, "size"), metavar="SIZE",
-                       default=DEFAULT_POOL_SIZE, help="payload memory budget (default 64M)")
-    serve.add_argument("--data-dir", type=Path, metavar="DIR",
-                       help="where the default LUN lives (default $SGTARGET_DATA_DIR or "
-                       "~/.local/share/sgtarget)")
-    serve.add_argument("--nop-interval", type=float, default=30.0, metavar="SECONDS",
-                       help="ping idle initiators with NOP-In this often (0 disables)")
+    serve.add_argument(
+        "--portal",
+        action="append",
+        type=_arg(parse_portal, "portal"),
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable; default 127.0.0.1:3260)",
+    )
+    serve.add_argument("--target", type=_arg(parse_iqn, "iqn"), metavar="IQN", help="target name")
+    serve.add_argument(
+        "--lun",
+        action="append",
+        type=_arg(parse_lun_spec, "lun"),
+        metavar="SPEC",
+        help="file:PATH[,size=SIZE] | ram:size=SIZE | "
+        "null:size=SIZE (repeatable; LUNs are numbered from 0 in order)",
+    )
+    serve.add_argument(
+        "--pool",
+        type=_arg(_parse_size, "size"),
+        metavar="SIZE",
+        default=DEFAULT_POOL_SIZE,
+        help="payload memory budget (default 64M)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the default LUN lives (default $SGTARGET_DATA_DIR or ~/.local/share/sgtarget)",
+    )
+    serve.add_argument(
+        "--nop-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="ping idle initiators with NOP-In this often (0 disables)",
+    )
     serve.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -93,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"sgtarget: error: cannot create data directory {data_dir}: {exc}",
-                  file=sys.stderr)
+            print(
+                f"sgtarget: error: cannot create data directory {data_dir}: {exc}", file=sys.stderr
+            )
             return 2
         path = data_dir / "lun0.img"
         specs = [parse_lun_spec(f"file:{path},size={DEFAULT_LUN_SIZE}")]

@@ -27,7 +27,7 @@ _FREE = 0
 _USED = 1
 
 
-class PoolExhausted(Exception):  # noqa: N818 - an outcome, not an error
+class PoolExhausted(Exception):
     """Raised by callers that cannot wait for blocks; maps to TASK SET FULL."""
 
 
@@ -112,8 +112,7 @@ class Pool:
             start = idx + run
         self.stats.allocations += 1
         self.stats.blocks_in_use += sg.nblocks
-        if self.stats.blocks_in_use > self.stats.peak_blocks_in_use:
-            self.stats.peak_blocks_in_use = self.stats.blocks_in_use
+        self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.stats.blocks_in_use)
         return sg
 
     def alloc(self, nbytes: int) -> ScatterList:

@@ -63,7 +63,7 @@ LEGAL_OPCODES: dict[ConnState, frozenset[int]] = {
 }
 
 
-class IllegalTransition(Exception):  # noqa: N818
+class IllegalTransition(Exception):
     pass
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sgtarget.datapath import BytesLike, Pool, PoolExhausted, ScatterList
@@ -34,13 +35,11 @@ from sgtarget.iscsi.keys import (
 from sgtarget.iscsi.login_states import Stage, next_stage
 from sgtarget.iscsi.pdu import F_FINAL, Header, Opcode, PduFormatError, RejectReason
 from sgtarget.iscsi.session import (
-    Command,
     DEFAULT_QUEUE_DEPTH,
+    Command,
     Session,
     SessionTable,
     TargetDirectory,
-    sn_le,
-    sn_lt,
 )
 from sgtarget.scsi.task import DataDirection, Nexus, Task
 
@@ -101,9 +100,7 @@ class SessionReinstated:
     old: Session
 
 
-Event = (
-    LoginComplete | CommandReady | DataReady | TmfRequest | CloseConnection | SessionReinstated
-)
+Event = LoginComplete | CommandReady | DataReady | TmfRequest | CloseConnection | SessionReinstated
 _ImmediateData = tuple[ScatterList | None, int]
 
 
@@ -294,9 +291,7 @@ class Connection:
                 self._close("header digest error")
                 return
         if hdr.opcode not in LEGAL_OPCODES[self.state]:
-            if hdr.opcode in pdu.INITIATOR_OPCODES:
-                reason = RejectReason.PROTOCOL_ERROR
-            elif hdr.opcode >= Opcode.NOP_IN:
+            if hdr.opcode in pdu.INITIATOR_OPCODES or hdr.opcode >= Opcode.NOP_IN:
                 reason = RejectReason.PROTOCOL_ERROR
             else:
                 reason = RejectReason.COMMAND_NOT_SUPPORTED
@@ -391,12 +386,11 @@ class Connection:
             self._route_data_out(hdr)
         elif op == Opcode.SCSI_COMMAND and hdr.data_len:
             self._route_immediate(hdr)
+        elif hdr.data_len:
+            self._small = bytearray(hdr.data_len)
+            self._begin_data(hdr, [memoryview(self._small)])
         else:
-            if hdr.data_len:
-                self._small = bytearray(hdr.data_len)
-                self._begin_data(hdr, [memoryview(self._small)])
-            else:
-                self._begin_data(hdr, [])
+            self._begin_data(hdr, [])
 
     def _route_immediate(self, hdr: Header) -> None:
         """Immediate data lands in the command's first receive window (allocated here)."""
@@ -408,8 +402,10 @@ class Connection:
             raise PduFormatError(
                 RejectReason.PROTOCOL_ERROR, "immediate data exceeds FirstBurstLength or EDTL"
             )
-        unsol = hdr.data_len if params.initial_r2t else min(
-            params.first_burst_length, hdr.expected_length
+        unsol = (
+            hdr.data_len
+            if params.initial_r2t
+            else min(params.first_burst_length, hdr.expected_length)
         )
         sg = self.pool.try_alloc(unsol)
         if sg is None:
@@ -433,9 +429,13 @@ class Connection:
         off = hdr.buffer_offset
         if hdr.ttt == pdu.RESERVED_TAG:
             if off != cmd.unsol_received or hdr.datasn != cmd.unsol_datasn:
-                raise PduFormatError(RejectReason.PROTOCOL_ERROR, "unsolicited Data-Out out of order")
+                raise PduFormatError(
+                    RejectReason.PROTOCOL_ERROR, "unsolicited Data-Out out of order"
+                )
             if off + n > cmd.unsol_expected:
-                raise PduFormatError(RejectReason.PROTOCOL_ERROR, "unsolicited data past FirstBurstLength")
+                raise PduFormatError(
+                    RejectReason.PROTOCOL_ERROR, "unsolicited data past FirstBurstLength"
+                )
             cmd.unsol_datasn += 1
             cmd.unsol_received += n
         else:
@@ -493,8 +493,12 @@ class Connection:
         cmdsn = hdr.cmdsn
         if not session.in_window(cmdsn):
             # RFC 7143 §3.2.2.1: silently ignored.
-            log.info("CmdSN %d outside window [%d, %d]: ignored", cmdsn, session.exp_cmdsn,
-                     session.max_cmdsn)
+            log.info(
+                "CmdSN %d outside window [%d, %d]: ignored",
+                cmdsn,
+                session.exp_cmdsn,
+                session.max_cmdsn,
+            )
             _release_payload(payload)
             return
         if cmdsn != session.exp_cmdsn:
@@ -596,12 +600,16 @@ class Connection:
             return
         self._login_stage = new_stage
         self._login_response(
-            hdr, transit=hdr.transit, csg=hdr.csg, nsg=hdr.nsg if hdr.transit else 0,
+            hdr,
+            transit=hdr.transit,
+            csg=hdr.csg,
+            nsg=hdr.nsg if hdr.transit else 0,
             data=encode_text(answer),
         )
 
-    def _finish_login(self, hdr: Header, answer: list[tuple[str, str]],
-                      session_type: SessionType) -> None:
+    def _finish_login(
+        self, hdr: Header, answer: list[tuple[str, str]], session_type: SessionType
+    ) -> None:
         neg = self._negotiator
         params = neg.finish()
         assert neg.initiator_name is not None
@@ -626,8 +634,14 @@ class Connection:
         self.sessions.add(session)
         self.session = session
         self.params = params
-        self._login_response(hdr, transit=True, csg=hdr.csg, nsg=Stage.FULL_FEATURE,
-                             data=encode_text(answer), tsih=session.tsih)
+        self._login_response(
+            hdr,
+            transit=True,
+            csg=hdr.csg,
+            nsg=Stage.FULL_FEATURE,
+            data=encode_text(answer),
+            tsih=session.tsih,
+        )
         self.state = transition(self.state, ConnEvent.LOGIN_SUCCEEDED)
         # New limits and digests from the next PDU on, in both directions.
         self._header_digest = params.header_digest
@@ -636,22 +650,48 @@ class Connection:
         self._max_xmit = params.max_xmit_data_segment_length
         self._events.append(LoginComplete(session))
 
-    def _login_response(self, hdr: Header, *, transit: bool, csg: int, nsg: int, data: bytes,
-                        tsih: int = 0, status_class: int = 0, status_detail: int = 0) -> None:
+    def _login_response(
+        self,
+        hdr: Header,
+        *,
+        transit: bool,
+        csg: int,
+        nsg: int,
+        data: bytes,
+        tsih: int = 0,
+        status_class: int = 0,
+        status_detail: int = 0,
+    ) -> None:
         exp = hdr.cmdsn
         bhs = pdu.build_login_response(
-            transit=transit, cont=False, csg=csg, nsg=nsg, isid=hdr.isid, tsih=tsih,
-            itt=hdr.itt, statsn=self.statsn, exp_cmdsn=exp,
+            transit=transit,
+            cont=False,
+            csg=csg,
+            nsg=nsg,
+            isid=hdr.isid,
+            tsih=tsih,
+            itt=hdr.itt,
+            statsn=self.statsn,
+            exp_cmdsn=exp,
             max_cmdsn=(exp + DEFAULT_QUEUE_DEPTH - 1) & 0xFFFFFFFF,
-            status_class=status_class, status_detail=status_detail, data_len=len(data),
+            status_class=status_class,
+            status_detail=status_detail,
+            data_len=len(data),
         )
         self.statsn = (self.statsn + 1) & 0xFFFFFFFF
         self._emit(bhs, [data] if data else [], len(data))
 
     def _login_reject(self, hdr: Header, status_class: int, status_detail: int) -> None:
         log.info("login rejected: status %#04x/%#04x", status_class, status_detail)
-        self._login_response(hdr, transit=False, csg=hdr.csg & 3 if hdr.csg != 2 else 0, nsg=0,
-                             data=b"", status_class=status_class, status_detail=status_detail)
+        self._login_response(
+            hdr,
+            transit=False,
+            csg=hdr.csg & 3 if hdr.csg != 2 else 0,
+            nsg=0,
+            data=b"",
+            status_class=status_class,
+            status_detail=status_detail,
+        )
         self._close("login failed")
 
     # ---- full feature phase: SCSI commands -------------------------------------------------
@@ -659,7 +699,8 @@ class Connection:
     def _on_scsi_command(self, hdr: Header, imm: _ImmediateData) -> None:
         session = self.session
         params = self.params
-        assert session is not None and params is not None
+        assert session is not None
+        assert params is not None
         unsol_sg, unsol = imm
         if session.session_type is SessionType.DISCOVERY:
             if unsol_sg is not None:
@@ -776,7 +817,8 @@ class Connection:
     def _issue_r2ts(self, cmd: Command) -> None:
         params = self.params
         session = self.session
-        assert params is not None and session is not None
+        assert params is not None
+        assert session is not None
         while cmd.r2t_next < cmd.r2t_end and len(cmd.r2ts) < params.max_outstanding_r2t:
             off = cmd.r2t_next
             n = min(params.max_burst_length, cmd.r2t_end - off)
@@ -784,9 +826,16 @@ class Connection:
             cmd.r2ts[ttt] = [off, n, 0, 0]
             cmd.r2t_next = off + n
             bhs = pdu.build(
-                Opcode.R2T, lun=int.from_bytes(cmd.lun, "big"), itt=cmd.itt, w5=ttt,
-                w6=self.statsn, w7=session.exp_cmdsn, w8=session.max_cmdsn, w9=cmd.r2tsn,
-                w10=off, w11=n,
+                Opcode.R2T,
+                lun=int.from_bytes(cmd.lun, "big"),
+                itt=cmd.itt,
+                w5=ttt,
+                w6=self.statsn,
+                w7=session.exp_cmdsn,
+                w8=session.max_cmdsn,
+                w9=cmd.r2tsn,
+                w10=off,
+                w11=n,
             )
             cmd.r2tsn += 1
             self._emit(bhs, [], 0)
@@ -810,8 +859,9 @@ class Connection:
         self._discard_reason = None
         self._rx_landed = 0
 
-    def send_data_in(self, cmd: Command, sg: ScatterList, offset: int, length: int, *,
-                     last: bool) -> None:
+    def send_data_in(
+        self, cmd: Command, sg: ScatterList, offset: int, length: int, *, last: bool
+    ) -> None:
         """Data-In PDUs for ``sg[0:length]`` at buffer ``offset``; takes ownership of ``sg``.
 
         PDUs are cut at the initiator's MaxRecvDataSegmentLength; the final one is held back
@@ -826,7 +876,8 @@ class Connection:
             return
         session = self.session
         params = self.params
-        assert session is not None and params is not None
+        assert session is not None
+        assert params is not None
         mx = self._max_xmit
         burst = params.max_burst_length
         lun = int.from_bytes(cmd.lun, "big")
@@ -843,9 +894,15 @@ class Connection:
                 return
             final = (pos + n) % burst == 0
             bhs = pdu.build(
-                Opcode.DATA_IN, b1=F_FINAL if final else 0, lun=lun, itt=cmd.itt,
-                w5=pdu.RESERVED_TAG, w7=session.exp_cmdsn, w8=session.max_cmdsn,
-                w9=cmd.datasn, w10=pos,
+                Opcode.DATA_IN,
+                b1=F_FINAL if final else 0,
+                lun=lun,
+                itt=cmd.itt,
+                w5=pdu.RESERVED_TAG,
+                w7=session.exp_cmdsn,
+                w8=session.max_cmdsn,
+                w9=cmd.datasn,
+                w10=pos,
             )
             cmd.datasn += 1
             self._emit(bhs, views, n)
@@ -886,10 +943,18 @@ class Connection:
         if cmd.held_sg is not None and task.status == SCSI_STATUS_GOOD and not task.sense:
             n = sum(len(v) for v in cmd.held_views)
             bhs = pdu.build(
-                Opcode.DATA_IN, b1=F_FINAL | pdu.F_STATUS | flags, b3=task.status, lun=lun,
-                itt=cmd.itt, w5=pdu.RESERVED_TAG, w6=self._next_statsn(),
-                w7=session.exp_cmdsn, w8=session.max_cmdsn, w9=cmd.datasn,
-                w10=cmd.held_offset, w11=residual,
+                Opcode.DATA_IN,
+                b1=F_FINAL | pdu.F_STATUS | flags,
+                b3=task.status,
+                lun=lun,
+                itt=cmd.itt,
+                w5=pdu.RESERVED_TAG,
+                w6=self._next_statsn(),
+                w7=session.exp_cmdsn,
+                w8=session.max_cmdsn,
+                w9=cmd.datasn,
+                w10=cmd.held_offset,
+                w11=residual,
             )
             cmd.datasn += 1
             self._emit(bhs, cmd.held_views, n)
@@ -901,8 +966,15 @@ class Connection:
         if cmd.held_sg is not None:
             n = sum(len(v) for v in cmd.held_views)
             bhs = pdu.build(
-                Opcode.DATA_IN, b1=F_FINAL, lun=lun, itt=cmd.itt, w5=pdu.RESERVED_TAG,
-                w7=session.exp_cmdsn, w8=session.max_cmdsn, w9=cmd.datasn, w10=cmd.held_offset,
+                Opcode.DATA_IN,
+                b1=F_FINAL,
+                lun=lun,
+                itt=cmd.itt,
+                w5=pdu.RESERVED_TAG,
+                w7=session.exp_cmdsn,
+                w8=session.max_cmdsn,
+                w9=cmd.datasn,
+                w10=cmd.held_offset,
             )
             cmd.datasn += 1
             self._emit(bhs, cmd.held_views, n)
@@ -911,10 +983,18 @@ class Connection:
             cmd.held_views = []
         data = pdu.sense_segment(task.sense) if task.sense else b""
         bhs = pdu.build(
-            Opcode.SCSI_RESPONSE, b1=F_FINAL | flags, b2=0, b3=task.status,
-            data_len=len(data), lun=0, itt=cmd.itt, w6=self._next_statsn(),
-            w7=session.exp_cmdsn, w8=session.max_cmdsn,
-            w9=cmd.datasn + cmd.r2tsn, w11=residual,
+            Opcode.SCSI_RESPONSE,
+            b1=F_FINAL | flags,
+            b2=0,
+            b3=task.status,
+            data_len=len(data),
+            lun=0,
+            itt=cmd.itt,
+            w6=self._next_statsn(),
+            w7=session.exp_cmdsn,
+            w8=session.max_cmdsn,
+            w9=cmd.datasn + cmd.r2tsn,
+            w11=residual,
         )
         self._emit(bhs, [data] if data else [], len(data))
         self._cleanup_command(cmd)
@@ -964,8 +1044,14 @@ class Connection:
             return  # a ping that wants no answer
         data = data[: self._max_xmit]
         bhs = pdu.build(
-            Opcode.NOP_IN, data_len=len(data), lun=hdr.lun, itt=hdr.itt, w5=pdu.RESERVED_TAG,
-            w6=self._next_statsn(), w7=session.exp_cmdsn, w8=session.max_cmdsn,
+            Opcode.NOP_IN,
+            data_len=len(data),
+            lun=hdr.lun,
+            itt=hdr.itt,
+            w5=pdu.RESERVED_TAG,
+            w6=self._next_statsn(),
+            w7=session.exp_cmdsn,
+            w8=session.max_cmdsn,
         )
         self._emit(bhs, [data] if data else [], len(data))
 
@@ -1004,8 +1090,14 @@ class Connection:
         assert session is not None
         data = data[: self._max_xmit]
         bhs = pdu.build(
-            Opcode.TEXT_RESPONSE, b1=F_FINAL if final else pdu.F_CONTINUE, data_len=len(data),
-            lun=hdr.lun, itt=hdr.itt, w5=ttt, w6=self._next_statsn(), w7=session.exp_cmdsn,
+            Opcode.TEXT_RESPONSE,
+            b1=F_FINAL if final else pdu.F_CONTINUE,
+            data_len=len(data),
+            lun=hdr.lun,
+            itt=hdr.itt,
+            w5=ttt,
+            w6=self._next_statsn(),
+            w7=session.exp_cmdsn,
             w8=session.max_cmdsn,
         )
         self._emit(bhs, [data] if data else [], len(data))
@@ -1022,8 +1114,11 @@ class Connection:
                 self.tmf_done(hdr.itt, pdu.TmfResponse.TASK_DOES_NOT_EXIST)
                 return
             cmds = [cmd]
-        elif fn in (pdu.TmfFunction.ABORT_TASK_SET, pdu.TmfFunction.CLEAR_TASK_SET,
-                    pdu.TmfFunction.LOGICAL_UNIT_RESET):
+        elif fn in (
+            pdu.TmfFunction.ABORT_TASK_SET,
+            pdu.TmfFunction.CLEAR_TASK_SET,
+            pdu.TmfFunction.LOGICAL_UNIT_RESET,
+        ):
             cmds = [c for c in session.commands.values() if c.lun == lun and not c.aborted]
         elif fn in (pdu.TmfFunction.TARGET_WARM_RESET, pdu.TmfFunction.TARGET_COLD_RESET):
             cmds = [c for c in session.commands.values() if not c.aborted]
@@ -1042,8 +1137,12 @@ class Connection:
         if session is None or self.state is ConnState.CLOSED:
             return
         bhs = pdu.build(
-            Opcode.TASK_MGMT_RESPONSE, b2=response, itt=itt, w6=self._next_statsn(),
-            w7=session.exp_cmdsn, w8=session.max_cmdsn,
+            Opcode.TASK_MGMT_RESPONSE,
+            b2=response,
+            itt=itt,
+            w6=self._next_statsn(),
+            w7=session.exp_cmdsn,
+            w8=session.max_cmdsn,
         )
         self._emit(bhs, [], 0)
 
@@ -1058,8 +1157,12 @@ class Connection:
         else:
             response = pdu.LogoutResponse.SUCCESS
         bhs = pdu.build(
-            Opcode.LOGOUT_RESPONSE, b2=response, itt=hdr.itt, w6=self._next_statsn(),
-            w7=session.exp_cmdsn, w8=session.max_cmdsn,
+            Opcode.LOGOUT_RESPONSE,
+            b2=response,
+            itt=hdr.itt,
+            w6=self._next_statsn(),
+            w7=session.exp_cmdsn,
+            w8=session.max_cmdsn,
         )
         self._emit(bhs, [], 0)
         if response == pdu.LogoutResponse.SUCCESS:
@@ -1097,8 +1200,12 @@ class Connection:
         self._nop_outstanding = self._nop_ttt
         self._nop_deadline = now + self._nop_timeout
         bhs = pdu.build(
-            Opcode.NOP_IN, itt=pdu.RESERVED_TAG, w5=self._nop_outstanding, w6=self.statsn,
-            w7=session.exp_cmdsn, w8=session.max_cmdsn,
+            Opcode.NOP_IN,
+            itt=pdu.RESERVED_TAG,
+            w5=self._nop_outstanding,
+            w6=self.statsn,
+            w7=session.exp_cmdsn,
+            w8=session.max_cmdsn,
         )
         self._emit(bhs, [], 0)
 
@@ -1109,7 +1216,7 @@ class Connection:
         self.statsn = (sn + 1) & 0xFFFFFFFF
         return sn
 
-    def _emit(self, bhs: bytearray, data: list[BytesLike], n: int) -> None:
+    def _emit(self, bhs: bytearray, data: Sequence[BytesLike], n: int) -> None:
         """Queue one PDU: BHS (+digest), data views, padding (+digest)."""
         if n != 0:
             bhs[5:8] = n.to_bytes(3, "big")
@@ -1131,7 +1238,11 @@ class Connection:
         exp = session.exp_cmdsn if session else 0
         mx = session.max_cmdsn if session else 0
         bhs = pdu.build(
-            Opcode.REJECT, b2=reason, itt=pdu.RESERVED_TAG, w6=self._next_statsn(), w7=exp,
+            Opcode.REJECT,
+            b2=reason,
+            itt=pdu.RESERVED_TAG,
+            w6=self._next_statsn(),
+            w7=exp,
             w8=mx,
         )
         self._emit(bhs, [raw], len(raw))

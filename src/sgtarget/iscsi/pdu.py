@@ -163,17 +163,25 @@ class Header:
     )
 
     def __init__(self, raw: bytes) -> None:
-        b0, b1, b2, b3, ahs_dsl, lun, itt, w5, w6, w7, w8, w9, w10, w11 = BHS.unpack(raw)
+        fields: tuple[int, ...] = BHS.unpack(raw)
+        b0, b1, b2, b3, ahs_dsl, lun, itt, w5, w6, w7, w8, w9, w10, w11 = fields
         self.raw = raw
-        self.opcode = b0 & 0x3F
+        self.opcode: int = b0 & 0x3F
         self.immediate = bool(b0 & I_BIT)
-        self.b1, self.b2, self.b3 = b1, b2, b3
-        self.ahs_len = (ahs_dsl >> 24) * 4
-        self.data_len = ahs_dsl & 0xFFFFFF
-        self.lun = lun
-        self.itt = itt
-        self.w5, self.w6, self.w7, self.w8 = w5, w6, w7, w8
-        self.w9, self.w10, self.w11 = w9, w10, w11
+        self.b1: int = b1
+        self.b2: int = b2
+        self.b3: int = b3
+        self.ahs_len: int = (ahs_dsl >> 24) * 4
+        self.data_len: int = ahs_dsl & 0xFFFFFF
+        self.lun: int = lun
+        self.itt: int = itt
+        self.w5: int = w5
+        self.w6: int = w6
+        self.w7: int = w7
+        self.w8: int = w8
+        self.w9: int = w9
+        self.w10: int = w10
+        self.w11: int = w11
 
     @property
     def final(self) -> bool:

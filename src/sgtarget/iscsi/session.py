@@ -62,6 +62,8 @@ class Command:
     __slots__ = (
         "aborted",
         "cmdsn",
+        "datasn",
+        "held_offset",
         "held_sg",
         "held_views",
         "immediate",
@@ -70,8 +72,8 @@ class Command:
         "no_buffer",
         "r2t_end",
         "r2t_next",
-        "r2tsn",
         "r2ts",
+        "r2tsn",
         "read_edtl",
         "rx_base",
         "rx_have",
@@ -83,9 +85,7 @@ class Command:
         "unsol_datasn",
         "unsol_expected",
         "unsol_received",
-        "datasn",
         "write_edtl",
-        "held_offset",
     )
 
     def __init__(self, itt: int, cmdsn: int, task: Task) -> None:
@@ -169,9 +169,8 @@ class SessionTable:
 
     def find(self, initiator_name: str, isid: bytes, target_name: str | None) -> Session | None:
         for s in self._by_tsih.values():
-            if s.initiator_name == initiator_name and s.isid == isid:
-                if s.target_name == target_name:
-                    return s
+            if (s.initiator_name, s.isid, s.target_name) == (initiator_name, isid, target_name):
+                return s
         return None
 
     def __iter__(self) -> Iterator[Session]:

@@ -21,7 +21,6 @@ from sgtarget.datapath import BytesLike, PoolExhausted, ScatterList
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import (
     CloseConnection,
-    Command,
     CommandReady,
     Connection,
     DataReady,
@@ -29,7 +28,7 @@ from sgtarget.iscsi.connection import (
     SessionReinstated,
     TmfRequest,
 )
-from sgtarget.iscsi.session import Session
+from sgtarget.iscsi.session import Command, Session
 
 if TYPE_CHECKING:
     from sgtarget.server.target import TargetServer
@@ -173,8 +172,13 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             elif isinstance(ev, TmfRequest):
                 self._track(self.loop.create_task(self._task_management(ev)))
             elif isinstance(ev, LoginComplete):
-                log.info("%s logged in: %s (%s) tsih=%d", self.peer, ev.session.initiator_name,
-                         ev.session.session_type.name.lower(), ev.session.tsih)
+                log.info(
+                    "%s logged in: %s (%s) tsih=%d",
+                    self.peer,
+                    ev.session.initiator_name,
+                    ev.session.session_type.name.lower(),
+                    ev.session.tsih,
+                )
             elif isinstance(ev, SessionReinstated):
                 self.server.close_session(ev.old)
             elif isinstance(ev, CloseConnection):
@@ -233,7 +237,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if tasks:
             await asyncio.wait(tasks)
 
-    # ---- output -----------------------------------------------------------------------------------
+    # ---- output ----
 
     def flush(self) -> None:
         bufs, release = self.conn.take_output()
@@ -275,7 +279,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # ---- timers --------------------------------------------------------------------------------------
+    # ---- timers ----
 
     def _arm_timer(self) -> None:
         if self._closing:

@@ -54,8 +54,11 @@ class TargetServer:
             max_workers=config.io_threads, thread_name_prefix="sgtarget-io"
         )
         luns = [
-            LogicalUnit(bs, runner=self._run_blocking if bs.blocking else _run_inline,
-                        identity=f"{config.iqn}/lun{i}")
+            LogicalUnit(
+                bs,
+                runner=self._run_blocking if bs.blocking else _run_inline,
+                identity=f"{config.iqn}/lun{i}",
+            )
             for i, bs in enumerate(config.backstores)
         ]
         self.scsi = ScsiTarget(config.iqn, luns)
@@ -88,8 +91,11 @@ class TargetServer:
         fn = req.function
         scsi = self.scsi
         cmds_by_proto: dict[IscsiProtocol, list[Any]] = {proto: list(req.commands)}
-        if fn in (pdu.TmfFunction.LOGICAL_UNIT_RESET, pdu.TmfFunction.ABORT_TASK_SET,
-                  pdu.TmfFunction.CLEAR_TASK_SET):
+        if fn in (
+            pdu.TmfFunction.LOGICAL_UNIT_RESET,
+            pdu.TmfFunction.ABORT_TASK_SET,
+            pdu.TmfFunction.CLEAR_TASK_SET,
+        ):
             lun = decode_lun(req.lun)
             if lun is None or lun not in scsi.luns:
                 return pdu.TmfResponse.LUN_DOES_NOT_EXIST

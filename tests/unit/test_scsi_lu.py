@@ -610,14 +610,28 @@ def test_dpo_fua(ready: ScsiTarget, pool: Pool, store: MemBackstore) -> None:
     assert store.flushes == 2
 
 
-def test_write_overflow_refused_without_transfer(
+def test_write_overflow_writes_only_whole_blocks_within_edtl(
     ready: ScsiTarget, pool: Pool, store: MemBackstore
 ) -> None:
-    for edtl in (0, 200, BS):
-        task, ch = run(ready, pool, rw10(0x2A, 0, 2), data_out=b"b" * 2 * BS, edtl=edtl)
-        assert sense_of(task) == (0x5, 0x0E, 0x03)
-        assert task.transfer_length == 2 * BS
-        assert ch.receives == []
+    # FCP-4 option a, as libiscsi 1.19 expects: GOOD, only EDTL's worth written.
+    store.data[: 2 * BS] = b"a" * 2 * BS
+    task, ch = run(ready, pool, rw10(0x2A, 0, 2), data_out=b"b" * BS, edtl=BS)
+    good(task)
+    assert task.transfer_length == 2 * BS
+    assert ch.receives == [(0, BS)]
+    assert store.data[: 2 * BS] == b"b" * BS + b"a" * BS
+    task, ch = run(ready, pool, rw10(0x2A, 0, 1), edtl=0)
+    good(task)
+    assert ch.receives == []
+
+
+def test_write_overflow_inside_a_block_is_refused_without_transfer(
+    ready: ScsiTarget, pool: Pool, store: MemBackstore
+) -> None:
+    task, ch = run(ready, pool, rw10(0x2A, 0, 2), data_out=b"b" * 200, edtl=200)
+    assert sense_of(task) == (0x5, 0x0E, 0x03)
+    assert task.transfer_length == 2 * BS
+    assert ch.receives == []
     assert store.writes == 0
 
 

@@ -650,11 +650,24 @@ class LogicalUnit:
             raise CheckCondition.invalid_field(1, 7)
         self._check_range(blk.lba, blk.length)
         self._check_length(blk.length, self._length_byte(cmd.cdb))
-        if task.expected_length < task.transfer_length:
-            # Overflow: SAM-5/FCP-4 allow refusing without transferring anything.
-            raise CheckCondition(_BAD_IU)
-        if await self._write_blocks(cmd, blk.lba, blk.length) and blk.fua and blk.length:
+        nblocks = self._blocks_within_edtl(task, blk.length)
+        if await self._write_blocks(cmd, blk.lba, nblocks) and blk.fua and nblocks:
             await self._flush()
+
+    def _blocks_within_edtl(self, task: Task, nblocks: int) -> int:
+        """How many blocks a write processes when EDTL may be shorter than the CDB (overflow).
+
+        FCP-4 option a (which libiscsi 1.19 requires): process the command but write only the
+        whole blocks the initiator sends. An EDTL that ends inside a block cannot be honoured
+        exactly, so that case takes option b: CHECK CONDITION, INVALID FIELD IN INFORMATION
+        UNIT, nothing transferred.
+        """
+        edtl = task.expected_length
+        if edtl >= nblocks * self.block_size:
+            return nblocks
+        if edtl % self.block_size:
+            raise CheckCondition(_BAD_IU)
+        return edtl // self.block_size
 
     async def _cmd_write_and_verify(self, cmd: Cmd) -> None:
         task = cmd.task
@@ -666,9 +679,7 @@ class LogicalUnit:
             raise CheckCondition.invalid_field(1, 2)
         self._check_range(blk.lba, blk.length)
         self._check_length(blk.length, self._length_byte(cmd.cdb))
-        # Overflow: process the whole blocks the initiator sends and nothing beyond (FCP-4
-        # option a; libiscsi's WriteVerify residual tests require GOOD here).
-        nblocks = min(blk.length, task.expected_length // self.block_size)
+        nblocks = self._blocks_within_edtl(task, blk.length)
         # The data just written is what the medium holds, so verification cannot fail; flush
         # so it is the medium and not a cache that holds it.
         if await self._write_blocks(cmd, blk.lba, nblocks) and nblocks:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sgtarget import units
 from sgtarget.backstores.file import FileBackstore
 from sgtarget.backstores.ram import RamBackstore
 from sgtarget.cli import specs
@@ -116,7 +117,7 @@ def test_parse_size_units(n: int, unit: str, lower: bool, suffix: str) -> None:
     assert parse_size(text.lower() if lower else text) == n * UNITS[unit]
 
 
-@given(st.integers(min_value=1, max_value=specs.MAX_SIZE))
+@given(st.integers(min_value=1, max_value=units.MAX_SIZE))
 def test_format_size_round_trips(size: int) -> None:
     text = format_size(size)
     assert parse_size(text) == size

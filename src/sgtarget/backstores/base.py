@@ -9,7 +9,7 @@ in which case they are cheap enough to run inline on the event loop.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
 Buffers = Sequence[memoryview]
@@ -74,3 +74,19 @@ def create(kind: str, params: dict[str, str]) -> Backstore:
             f"unknown backstore kind {kind!r} (known: {', '.join(registered_kinds())})"
         ) from None
     return factory(params)
+
+
+def check_params(
+    kind: str,
+    params: Mapping[str, str],
+    accepted: Collection[str],
+    required: Collection[str] = (),
+) -> None:
+    """Refuse keys a backstore kind does not know and missing required ones (``ValueError``)."""
+    known = ", ".join(sorted(accepted))
+    for key in params:
+        if key not in accepted:
+            raise ValueError(f"{kind}: unknown key {key!r} (accepted: {known})")
+    for key in required:
+        if key not in params:
+            raise ValueError(f"{kind}: missing required key {key!r}")

@@ -13,8 +13,8 @@ import fcntl
 import os
 import stat
 
-from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, register
-from sgtarget.cli.specs import check_params, parse_size
+from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.units import parse_size
 
 SECTOR = 512
 _IOV_MAX = os.sysconf("SC_IOV_MAX")

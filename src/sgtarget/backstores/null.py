@@ -6,8 +6,8 @@ would hand one initiator data from another's command.
 
 from __future__ import annotations
 
-from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, register
-from sgtarget.cli.specs import check_params, parse_size
+from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.units import parse_size
 
 SECTOR = 512
 # Zeroing from a shared constant avoids allocating a zero buffer as large as each read.

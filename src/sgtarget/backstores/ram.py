@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mmap
 
-from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, register
-from sgtarget.cli.specs import check_params, format_size, parse_size
+from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.units import format_size, parse_size
 
 SECTOR = 512
 

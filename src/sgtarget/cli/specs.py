@@ -2,29 +2,27 @@
 
 Nothing here touches argparse, files or sockets; every parser returns a value or raises
 ``ValueError`` with a one-line message that quotes the offending text, so the CLI can print it
-as is. This module imports nothing from sgtarget at load time: the backstores import
-``parse_size`` and ``check_params`` from here, and the registry is only consulted lazily.
+as is. Sizes are parsed by ``sgtarget.units``, which the backstores share.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from fractions import Fraction
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sgtarget.backstores.base import Backstore
+# Importing the package registers every backstore kind.
+import sgtarget.backstores  # noqa: F401
+from sgtarget.backstores.base import Backstore, BackstoreError, create, registered_kinds
+from sgtarget.units import format_size, parse_size
 
 __all__ = [
     "DEFAULT_ISCSI_PORT",
     "LUN_KEYS",
     "LunSpec",
     "build_backstore",
-    "check_params",
     "format_size",
     "parse_iqn",
     "parse_lun_spec",
@@ -33,59 +31,6 @@ __all__ = [
 ]
 
 DEFAULT_ISCSI_PORT = 3260
-
-# ---------------------------------------------------------------------------------------------
-# Sizes
-
-_SIZE_RE = re.compile(r"(\d+)(?:\.(\d+))?\s*(?:([kmgtpe])(i?)b?|b)?", re.IGNORECASE | re.ASCII)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE_UNITS["e"] = 1 << 60
-#: off_t is signed 64-bit; nothing larger can be a file or a device size.
-MAX_SIZE = (1 << 63) - 1
-
-
-def parse_size(text: str, *, allow_zero: bool = False) -> int:
-    """Bytes from ``"512"``, ``"4k"``, ``"64M"``, ``"1GiB"``, ``"1.5G"``, ``"2T"``, ``"512B"``.
-
-    Units are binary (K = 1024) whatever the spelling (``K``, ``KB``, ``KiB``, ``Ki``), case
-    insensitive. A fraction is accepted only when it names a whole number of bytes
-    (``"1.5K"`` = 1536, ``"0.3K"`` is refused) so a size never silently rounds.
-    Zero is refused unless ``allow_zero``; negative numbers and garbage always are.
-    """
-    stripped = text.strip()
-    m = _SIZE_RE.fullmatch(stripped)
-    if m is None:
-        if stripped.startswith("-"):
-            raise ValueError(f"invalid size {text!r}: must not be negative")
-        raise ValueError(
-            f"invalid size {text!r}: expected a number with an optional unit K, M, G, T, P, E "
-            "(binary, e.g. 512, 4K, 64MiB, 1.5G)"
-        )
-    whole, frac, unit, _i = m.groups()
-    number = Fraction(int(whole))
-    if frac:
-        number += Fraction(int(frac), 10 ** len(frac))
-    value = number * _SIZE_UNITS[(unit or "").lower()]
-    if value.denominator != 1:
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    size = int(value)
-    if size == 0 and not allow_zero:
-        raise ValueError(f"invalid size {text!r}: must be greater than zero")
-    if size > MAX_SIZE:
-        raise ValueError(f"invalid size {text!r}: larger than 2^63-1 bytes")
-    return size
-
-
-def format_size(size: int) -> str:
-    """The shortest exact spelling ``parse_size`` reads back: ``1536`` -> ``"1536"``, ``"1G"``."""
-    if size < 0:
-        raise ValueError(f"invalid size {size}: must not be negative")
-    for unit in "EPTGMK":
-        mult = _SIZE_UNITS[unit.lower()]
-        if size and size % mult == 0:
-            return f"{size // mult}{unit}"
-    return str(size)
-
 
 # ---------------------------------------------------------------------------------------------
 # Portals
@@ -195,22 +140,6 @@ _POSITIONAL_KEY = {"file": "path"}
 _KEY_RE = re.compile(r"[a-z][a-z0-9_-]*")
 
 
-def check_params(
-    kind: str,
-    params: Mapping[str, str],
-    accepted: Collection[str],
-    required: Collection[str] = (),
-) -> None:
-    """Refuse keys a backstore kind does not know and missing required ones (``ValueError``)."""
-    known = ", ".join(sorted(accepted))
-    for key in params:
-        if key not in accepted:
-            raise ValueError(f"{kind}: unknown key {key!r} (accepted: {known})")
-    for key in required:
-        if key not in params:
-            raise ValueError(f"{kind}: missing required key {key!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class LunSpec:
     """A parsed ``--lun KIND:ARGS``.
@@ -238,7 +167,6 @@ def parse_lun_spec(text: str) -> LunSpec:
     """
     # Lazy: the backstores import this module for parse_size, and importing the registry
     # here also registers every kind (sgtarget.backstores imports them all).
-    from sgtarget.backstores.base import registered_kinds  # noqa: PLC0415
 
     def fail(reason: str) -> ValueError:
         return ValueError(f"invalid LUN spec {text!r}: {reason}")
@@ -275,7 +203,6 @@ def parse_lun_spec(text: str) -> LunSpec:
 
 def build_backstore(spec: LunSpec) -> Backstore:
     """Create the backstore a spec names; any refusal becomes one ``ValueError`` quoting it."""
-    from sgtarget.backstores.base import BackstoreError, create  # noqa: PLC0415 - see above
 
     try:
         return create(spec.kind, dict(spec.params))

@@ -11,6 +11,7 @@ from sgtarget.iscsi import pdu
 from sgtarget.iscsi.conn_states import ConnState
 from sgtarget.iscsi.connection import (
     CloseConnection,
+    CommandAborted,
     CommandReady,
     DataReady,
     LoginComplete,
@@ -539,3 +540,14 @@ def test_ready_command_carries_scsi_task_fields() -> None:
     assert task.expected_length == 512
     assert task.nexus is not None
     assert INITIATOR in task.nexus.key
+
+
+def test_request_data_after_abort_or_connection_loss_raises_typed() -> None:
+    peer = logged_in(WRITE_KEYS)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=1024, write=True)
+    (ready,) = peer.ready_commands()
+    peer.conn.connection_lost()
+    with pytest.raises(CommandAborted):
+        peer.conn.request_data(ready.command, 0, 1024)
+    peer.conn.complete(ready.command)
+    assert peer.pool.stats.blocks_in_use == 0

@@ -104,6 +104,10 @@ Event = LoginComplete | CommandReady | DataReady | TmfRequest | CloseConnection 
 _ImmediateData = tuple[ScatterList | None, int]
 
 
+class CommandAborted(Exception):
+    """The command was aborted (task management or connection loss) while it waited."""
+
+
 class _RxPhase:
     BHS = 0
     AHS = 1
@@ -774,8 +778,11 @@ class Connection:
         """The LU wants Data-Out bytes [offset, offset+length): the scatter list if they are
         already here, else None and a ``DataReady`` event follows (R2Ts are sent as needed).
 
-        Windows must be requested in ascending order. Raises ``PoolExhausted``.
+        Windows must be requested in ascending order. Raises ``PoolExhausted``, and
+        ``CommandAborted`` once the command is aborted or its connection gone.
         """
+        if cmd.aborted or self.session is None:
+            raise CommandAborted(cmd.itt)
         if cmd.no_buffer:
             raise PoolExhausted(length)
         length = max(0, min(length, cmd.write_edtl - offset))

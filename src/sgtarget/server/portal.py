@@ -21,6 +21,7 @@ from sgtarget.datapath import BytesLike, PoolExhausted, ScatterList
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import (
     CloseConnection,
+    CommandAborted,
     CommandReady,
     Connection,
     DataReady,
@@ -55,7 +56,10 @@ class IscsiChannel:
 
     async def receive(self, offset: int, length: int) -> ScatterList:
         proto = self.proto
-        sg = proto.conn.request_data(self.cmd, offset, length)
+        try:
+            sg = proto.conn.request_data(self.cmd, offset, length)
+        except CommandAborted:
+            raise asyncio.CancelledError from None
         proto.flush()
         if sg is not None:
             return sg

@@ -13,7 +13,7 @@ from typing import NoReturn, TypeVar
 import sgtarget
 from sgtarget.cli.specs import LunSpec, build_backstore, parse_iqn, parse_lun_spec, parse_portal
 from sgtarget.cli.specs import parse_size as _parse_size
-from sgtarget.datapath import DEFAULT_POOL_SIZE
+from sgtarget.datapath import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_SIZE
 
 DEFAULT_LUN_SIZE = "1G"
 T = TypeVar("T")
@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     from sgtarget.server.daemon import run  # noqa: PLC0415 - keep --help fast
     from sgtarget.server.target import DEFAULT_IQN, DEFAULT_PORT, TargetConfig  # noqa: PLC0415
 
+    if args.pool < DEFAULT_BLOCK_SIZE:
+        print(
+            f"sgtarget: error: --pool must be at least one {DEFAULT_BLOCK_SIZE // 1024}K block",
+            file=sys.stderr,
+        )
+        return 2
     banner: list[str] = []
     specs: list[LunSpec] = args.lun or []
     if not specs:

@@ -30,6 +30,7 @@ from sgtarget.iscsi.connection import (
     TmfRequest,
 )
 from sgtarget.iscsi.session import Command, Session
+from sgtarget.scsi.target import ScsiTarget
 
 if TYPE_CHECKING:
     from sgtarget.server.target import TargetServer
@@ -203,11 +204,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.running[cmd.itt] = task
         self._track(task)
 
-    async def _run_command(self, cmd: Command, scsi: object) -> None:
-        from sgtarget.scsi.target import ScsiTarget  # noqa: PLC0415 - keep import graph simple
-
-        assert isinstance(scsi, ScsiTarget)
+    async def _run_command(self, cmd: Command, scsi: ScsiTarget | None) -> None:
         try:
+            if scsi is None:
+                raise RuntimeError(f"session has no SCSI target: {self.conn.session}")
             await scsi.execute(cmd.task, IscsiChannel(self, cmd))
         except asyncio.CancelledError:
             # Only the data wait was cancelled (abort or connection loss), not this task.

@@ -15,7 +15,13 @@ from sgtarget.datapath import DEFAULT_POOL_SIZE, Pool
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import TmfRequest
 from sgtarget.iscsi.keys import TargetLimits
-from sgtarget.iscsi.session import Session, SessionTable, TargetDirectory, TargetInfo
+from sgtarget.iscsi.session import (
+    Command,
+    Session,
+    SessionTable,
+    TargetDirectory,
+    TargetInfo,
+)
 from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.lun import decode_lun
 from sgtarget.scsi.target import ScsiTarget
@@ -90,7 +96,7 @@ class TargetServer:
     async def task_management(self, proto: IscsiProtocol, req: TmfRequest) -> int:
         fn = req.function
         scsi = self.scsi
-        cmds_by_proto: dict[IscsiProtocol, list[Any]] = {proto: list(req.commands)}
+        cmds_by_proto: dict[IscsiProtocol, list[Command]] = {proto: list(req.commands)}
         if fn in (
             pdu.TmfFunction.LOGICAL_UNIT_RESET,
             pdu.TmfFunction.ABORT_TASK_SET,

@@ -13,6 +13,7 @@ from sgtarget.iscsi.connection import (
     CloseConnection,
     CommandAborted,
     CommandReady,
+    DataFailed,
     DataReady,
     LoginComplete,
     TmfRequest,
@@ -408,15 +409,50 @@ def test_write_trickled_byte_by_byte() -> None:
     sg.release()
 
 
-def test_data_out_with_wrong_datasn_is_rejected_and_closes() -> None:
-    peer = logged_in([*WRITE_KEYS[:1], ("ImmediateData", "No"), *WRITE_KEYS[2:]])
+NO_IMMEDIATE = [*WRITE_KEYS[:1], ("ImmediateData", "No"), *WRITE_KEYS[2:]]
+
+
+def test_wrong_unsolicited_datasn_fails_the_command_not_the_connection() -> None:
+    peer = logged_in(NO_IMMEDIATE)
     itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=1024, write=True)
     peer.data_out(itt, 0xFFFFFFFF, 0, bytes(512), datasn=0, final=False)
     peer.data_out(itt, 0xFFFFFFFF, 512, bytes(512), datasn=0)
-    pdus = peer.received()
-    assert pdus[-1].opcode == pdu.Opcode.REJECT
-    assert pdus[-1].hdr.b2 == pdu.RejectReason.PROTOCOL_ERROR
-    assert peer.conn.state is ConnState.CLOSED
+    assert peer.received() == []
+    assert peer.conn.state is ConnState.FULL_FEATURE
+    (ready,) = peer.ready_commands()
+    with pytest.raises(CommandAborted):
+        peer.conn.request_data(ready.command, 0, 1024)
+    peer.conn.complete(ready.command)
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.SCSI_RESPONSE
+    assert resp.hdr.b3 == 2
+    sense = resp.data[2:]
+    assert (sense[2], sense[12], sense[13]) == (0x0B, 0x4B, 0x00)
+    assert peer.pool.stats.blocks_in_use == 0
+    # The connection still works.
+    peer.send(peer.frame(*nop_out(0x53)))
+    assert [p.opcode for p in peer.received()] == [pdu.Opcode.NOP_IN]
+
+
+def test_wrong_solicited_datasn_wakes_the_waiting_command() -> None:
+    peer = logged_in([("InitialR2T", "Yes"), ("ImmediateData", "No")])
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=1024, write=True)
+    (ready,) = peer.ready_commands()
+    assert peer.conn.request_data(ready.command, 0, 1024) is None
+    (r2t,) = peer.received()
+    assert r2t.opcode == pdu.Opcode.R2T
+    assert (r2t.hdr.buffer_offset, r2t.hdr.w11) == (0, 1024)
+    peer.data_out(itt, r2t.hdr.ttt, 0, bytes(1024), datasn=27)
+    (ev,) = peer.take_events()
+    assert isinstance(ev, DataFailed)
+    assert ev.command is ready.command
+    # Later Data-Out PDUs of the failed command are dropped quietly.
+    peer.data_out(itt, r2t.hdr.ttt, 0, bytes(1024), datasn=0)
+    assert peer.received() == []
+    peer.conn.complete(ready.command)
+    (resp,) = peer.received()
+    assert resp.hdr.b3 == 2
+    assert peer.pool.stats.blocks_in_use == 0
 
 
 def test_write_edtl_shorter_than_immediate_request_truncates() -> None:

@@ -41,6 +41,8 @@ from sgtarget.iscsi.session import (
     SessionTable,
     TargetDirectory,
 )
+from sgtarget.scsi.constants import Asc, SenseKey
+from sgtarget.scsi.sense import SenseData
 from sgtarget.scsi.task import DataDirection, Nexus, Task
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,13 @@ class DataReady:
 
 
 @dataclass(slots=True)
+class DataFailed:
+    """The Data-Out a ``request_data`` call waited for will not come (see ``_fail_data``)."""
+
+    command: Command
+
+
+@dataclass(slots=True)
 class TmfRequest:
     """A task management request. The adapter aborts ``commands`` (and, for resets, those of
     other sessions), resets the SCSI target as needed, then calls ``tmf_done``."""
@@ -100,7 +109,15 @@ class SessionReinstated:
     old: Session
 
 
-Event = LoginComplete | CommandReady | DataReady | TmfRequest | CloseConnection | SessionReinstated
+Event = (
+    LoginComplete
+    | CommandReady
+    | DataReady
+    | DataFailed
+    | TmfRequest
+    | CloseConnection
+    | SessionReinstated
+)
 _ImmediateData = tuple[ScatterList | None, int]
 
 
@@ -425,32 +442,36 @@ class Connection:
         session = self.session
         cmd = session.commands.get(hdr.itt) if session else None
         n = hdr.data_len
-        if cmd is None or cmd.aborted:
-            # A command that already finished (or was aborted) may still get trailing data.
+        if cmd is None or cmd.aborted or cmd.data_error is not None:
+            # A command that already finished, failed or was aborted may still get data.
             self._begin_data(hdr, [])
             self._discard = True
             return
         off = hdr.buffer_offset
         if hdr.ttt == pdu.RESERVED_TAG:
-            if off != cmd.unsol_received or hdr.datasn != cmd.unsol_datasn:
-                raise PduFormatError(
-                    RejectReason.PROTOCOL_ERROR, "unsolicited Data-Out out of order"
-                )
+            if hdr.datasn != cmd.unsol_datasn:
+                self._fail_data(cmd, hdr, Asc.DATA_PHASE_ERROR, "unsolicited DataSN")
+                return
+            if off != cmd.unsol_received:
+                self._fail_data(cmd, hdr, Asc.DATA_OFFSET_ERROR, "unsolicited data offset")
+                return
             if off + n > cmd.unsol_expected:
-                raise PduFormatError(
-                    RejectReason.PROTOCOL_ERROR, "unsolicited data past FirstBurstLength"
-                )
+                self._fail_data(cmd, hdr, Asc.UNEXPECTED_UNSOLICITED_DATA, "unsolicited data")
+                return
             cmd.unsol_datasn += 1
             cmd.unsol_received += n
         else:
             r2t = cmd.r2ts.get(hdr.ttt)
             if r2t is None:
-                raise PduFormatError(RejectReason.INVALID_PDU_FIELD, "Data-Out for unknown TTT")
+                self._fail_data(cmd, hdr, Asc.DATA_PHASE_ERROR, "Data-Out for unknown TTT")
+                return
             r_off, r_len, r_got, r_sn = r2t
-            if hdr.datasn != r_sn or off != r_off + r_got:
-                raise PduFormatError(RejectReason.PROTOCOL_ERROR, "Data-Out DataSN or offset error")
-            if r_got + n > r_len:
-                raise PduFormatError(RejectReason.PROTOCOL_ERROR, "Data-Out past the R2T's length")
+            if hdr.datasn != r_sn:
+                self._fail_data(cmd, hdr, Asc.DATA_PHASE_ERROR, "Data-Out DataSN")
+                return
+            if off != r_off + r_got or r_got + n > r_len:
+                self._fail_data(cmd, hdr, Asc.DATA_OFFSET_ERROR, "Data-Out offset or length")
+                return
             r2t[2] += n
             r2t[3] += 1
         # Land the bytes inside the current receive window, drop anything outside it.
@@ -768,6 +789,30 @@ class Connection:
                 self._issue_r2ts(cmd)
         self._check_rx_done(cmd)
 
+    def _fail_data(self, cmd: Command, hdr: Header, asc: Asc, what: str) -> None:
+        """A Data-Out the command cannot accept: end the command, keep the connection.
+
+        ERL 0 cannot recover the data, but the error is the command's, not the connection's:
+        the command completes with CHECK CONDITION (ABORTED COMMAND, so the initiator
+        retries it) and its remaining Data-Out PDUs are dropped.
+        """
+        log.warning(
+            "%s error on ITT %#x (DataSN %d, offset %d): failing the command",
+            what,
+            cmd.itt,
+            hdr.datasn,
+            hdr.buffer_offset,
+        )
+        cmd.data_error = SenseData(SenseKey.ABORTED_COMMAND, asc).fixed()
+        cmd.r2ts.clear()
+        cmd.r2t_next = cmd.r2t_end
+        self._begin_data(hdr, [])
+        self._discard = True
+        self._discard_reason = None
+        if cmd.rx_waiting:
+            cmd.rx_waiting = False
+            self._events.append(DataFailed(cmd))
+
     def _check_rx_done(self, cmd: Command) -> None:
         if cmd.rx_waiting and cmd.rx_have >= cmd.rx_len and cmd.rx_sg is not None:
             sg, cmd.rx_sg = cmd.rx_sg, None
@@ -781,7 +826,7 @@ class Connection:
         Windows must be requested in ascending order. Raises ``PoolExhausted``, and
         ``CommandAborted`` once the command is aborted or its connection gone.
         """
-        if cmd.aborted or self.session is None:
+        if cmd.aborted or cmd.data_error is not None or self.session is None:
             raise CommandAborted(cmd.itt)
         if cmd.no_buffer:
             raise PoolExhausted(length)
@@ -936,6 +981,9 @@ class Connection:
             self._cleanup_command(cmd)
             return
         task = cmd.task
+        if cmd.data_error is not None:
+            task.status = SCSI_STATUS_CHECK_CONDITION
+            task.sense = cmd.data_error
         edtl = task.expected_length
         spdtl = task.transfer_length
         flags = 0

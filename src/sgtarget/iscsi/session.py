@@ -62,6 +62,7 @@ class Command:
     __slots__ = (
         "aborted",
         "cmdsn",
+        "data_error",
         "datasn",
         "held_offset",
         "held_sg",
@@ -119,6 +120,9 @@ class Command:
         self.held_views: list[memoryview] = []
         self.held_offset = 0
         self.aborted = False
+        #: Sense data when the data phase failed (bad DataSN, offset, length): the command
+        #: ends with CHECK CONDITION while the connection carries on.
+        self.data_error: bytes | None = None
 
 
 @dataclass(eq=False)

@@ -24,6 +24,7 @@ from sgtarget.iscsi.connection import (
     CommandAborted,
     CommandReady,
     Connection,
+    DataFailed,
     DataReady,
     LoginComplete,
     SessionReinstated,
@@ -174,6 +175,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                     fut.set_result(ev.sg)
                 else:
                     ev.sg.release()
+            elif isinstance(ev, DataFailed):
+                fut = self.rx_waiters.get(ev.command.itt)
+                if fut is not None and not fut.done():
+                    fut.cancel()
             elif isinstance(ev, TmfRequest):
                 self._track(self.loop.create_task(self._task_management(ev)))
             elif isinstance(ev, LoginComplete):

@@ -21,10 +21,11 @@ def sgtarget(tmp_path: Path) -> Iterator[StartTarget]:
         portal: bool = True,
         nop_interval: float | None = 0,
         env: dict[str, str] | None = None,
+        bare: bool = False,
     ) -> Target:
         target = start_target(
             tmp_path / "targets",
-            args or ("--lun", "ram:size=64M"),
+            args if args or bare else ("--lun", "ram:size=64M"),
             port=port,
             portal=portal,
             nop_interval=nop_interval,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from typing import Protocol
 import pytest
 
 DEFAULT_IQN = "iqn.2026-11.org.sgtarget:target0"
+DEFAULT_PORT = 3260
 BANNER_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
@@ -130,6 +132,7 @@ class StartTarget(Protocol):
         portal: bool = True,
         nop_interval: float | None = 0,
         env: dict[str, str] | None = None,
+        bare: bool = False,
     ) -> Target: ...
 
 
@@ -146,7 +149,8 @@ def start_target(
     """Start ``sgtarget serve`` and wait for its banner.
 
     ``portal=False`` leaves ``--portal`` out (to test the default); ``nop_interval=None``
-    leaves ``--nop-interval`` out.
+    leaves ``--nop-interval`` out. Without ``env``, ``$SGTARGET_DATA_DIR`` points into
+    ``workdir`` so that a default LUN never lands in the user's home.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     args = list(args)
@@ -158,6 +162,8 @@ def start_target(
     if nop_interval is not None:
         argv += ["--nop-interval", str(nop_interval)]
     argv += list(args)
+    if env is None:
+        env = {**os.environ, "SGTARGET_DATA_DIR": str(workdir / "data")}
     n = len(list(workdir.glob("target*.stdout")))
     out_path = workdir / f"target{n}.stdout"
     err_path = workdir / f"target{n}.stderr"
@@ -198,3 +204,6 @@ def background(argv: Sequence[str], **kwargs: object) -> Iterator[subprocess.Pop
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

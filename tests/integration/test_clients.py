@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,45 @@ def test_qemu_io_pattern_mismatch_is_detected(target: Target) -> None:
     qemu_io(target.url(), "write -P 0x11 0 4k")
     with pytest.raises(AssertionError, match="Pattern verification failed"):
         qemu_io(target.url(), "read -P 0x22 0 4k")
+
+
+def test_target_name_override(sgtarget: StartTarget) -> None:
+    iqn = "iqn.2026-11.test.example:other-name"
+    t = sgtarget("--target", iqn, "--lun", "ram:size=1M")
+    assert t.banner[0] == f"sgtarget: serving {iqn}", t.banner
+    cp = run([require_tool("iscsi-ls"), f"iscsi://{t.portal}"], timeout=30)
+    assert f"Target:{iqn} Portal:{t.portal}" in cp.stdout, describe(cp)
+    inq = require_tool("iscsi-inq")
+    cp = run([inq, t.url()], timeout=30)
+    assert cp.returncode == 0, describe(cp)
+    # Logging in to a name the target does not serve must fail, not reach some LUN.
+    wrong = t.url().replace(iqn, "iqn.2026-11.org.sgtarget:target0")
+    cp = run([inq, wrong], timeout=30)
+    assert cp.returncode != 0, describe(cp)
+    assert "Vendor:" not in cp.stdout, describe(cp)
+
+
+def test_concurrent_qemu_io_writers(target: Target) -> None:
+    # Four sessions at once, each on its own 1 MiB region at an odd offset, then one reader
+    # checks every region and the gaps between them.
+    qio = require_tool("qemu-io")
+    url = target.url()
+    regions = [(i * 3 * MiB + 4095, 0x30 + i) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [qio, "-f", "raw", url, "-c", f"write -P {pat:#x} {off} 1M"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for off, pat in regions
+    ]
+    outputs: list[tuple[int, str]] = []
+    for p in procs:
+        raw, _ = p.communicate(timeout=60)
+        outputs.append((p.returncode, raw.decode(errors="replace")))
+    for rc, text in outputs:
+        assert rc == 0, text
+        assert "wrote 1048576/1048576 bytes" in text, text
+    checks = [f"read -P {pat:#x} {off} 1M" for off, pat in regions]
+    checks += [f"read -P 0 {off + MiB} {2 * MiB}" for off, _ in regions]
+    qemu_io(url, "read -P 0 0 4095", *checks)

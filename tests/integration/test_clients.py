@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import StartTarget, Target, describe, require_tool, run
+from .harness import StartTarget, Target, background, describe, require_tool, run
 
 pytestmark = pytest.mark.integration
 
@@ -191,18 +192,21 @@ def test_concurrent_qemu_io_writers(target: Target) -> None:
     qio = require_tool("qemu-io")
     url = target.url()
     regions = [(i * 3 * MiB + 4095, 0x30 + i) for i in range(4)]
-    procs = [
-        subprocess.Popen(
-            [qio, "-f", "raw", url, "-c", f"write -P {pat:#x} {off} 1M"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for off, pat in regions
-    ]
     outputs: list[tuple[int, str]] = []
-    for p in procs:
-        raw, _ = p.communicate(timeout=60)
-        outputs.append((p.returncode, raw.decode(errors="replace")))
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                background(
+                    [qio, "-f", "raw", url, "-c", f"write -P {pat:#x} {off} 1M"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            for off, pat in regions
+        ]
+        for p in procs:
+            raw, _ = p.communicate(timeout=60)
+            outputs.append((p.returncode, raw.decode(errors="replace")))
     for rc, text in outputs:
         assert rc == 0, text
         assert "wrote 1048576/1048576 bytes" in text, text

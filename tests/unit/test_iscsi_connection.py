@@ -587,3 +587,14 @@ def test_request_data_after_abort_or_connection_loss_raises_typed() -> None:
         peer.conn.request_data(ready.command, 0, 1024)
     peer.conn.complete(ready.command)
     assert peer.pool.stats.blocks_in_use == 0
+
+
+def test_login_with_oversize_text_is_refused_from_the_header_alone() -> None:
+    peer = Peer()
+    bhs = bytearray(make_bhs(0x03, immediate=True, b1=0x87, dsl=(1 << 24) - 1, itt=1))
+    bhs[8:14] = bytes(6)
+    peer.send(bytes(bhs) + b"abcd")
+    (resp,) = peer.received()
+    assert resp.opcode == pdu.Opcode.LOGIN_RESPONSE
+    assert resp.hdr.w9 >> 16 == 0x0200
+    assert_closed(peer)

@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     from sgtarget.server.daemon import run  # noqa: PLC0415 - keep --help fast
     from sgtarget.server.target import DEFAULT_IQN, DEFAULT_PORT, TargetConfig  # noqa: PLC0415
 
+    if args.nop_interval < 0:
+        print(
+            "sgtarget: error: --nop-interval must be 0 (off) or a positive number of seconds",
+            file=sys.stderr,
+        )
+        return 2
     if args.pool < DEFAULT_BLOCK_SIZE:
         print(
             f"sgtarget: error: --pool must be at least one {DEFAULT_BLOCK_SIZE // 1024}K block",

@@ -322,8 +322,12 @@ class Connection:
                 return
             self._start_discard(hdr, reason)
             return
-        max_len = self._max_recv
-        if hdr.data_len > max_len:
+        if hdr.data_len > self._max_recv:
+            if self.state is ConnState.LOGIN:
+                # Decided from the header alone: an unauthenticated peer does not get to make
+                # us read (and throw away) up to 16 MiB.
+                self._login_reject(hdr, 0x02, 0x00)
+                return
             self._start_discard(hdr, RejectReason.PROTOCOL_ERROR)
             return
         self._route_data(hdr)

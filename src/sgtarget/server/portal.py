@@ -294,7 +294,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self._closing:
             return
         when = self.conn.get_timer()
-        delay = 1.0 if when is None else max(0.05, min(when - self.loop.time(), 5.0))
+        # Wake at least once per ping interval: an answered ping clears the deadline this
+        # timer was armed for, and the next ping is due an interval after the answer.
+        cap = min(self.server.nop_interval or 5.0, 5.0)
+        delay = cap if when is None else max(0.05, min(when - self.loop.time(), cap))
         self._timer = self.loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:

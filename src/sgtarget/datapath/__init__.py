@@ -2,11 +2,13 @@
 
 from sgtarget.datapath.pool import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_SIZE, Pool, PoolExhausted
 from sgtarget.datapath.sglist import BytesLike, ScatterList, SGIter
+from sgtarget.datapath.stats import DataPathStats
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_POOL_SIZE",
     "BytesLike",
+    "DataPathStats",
     "Pool",
     "PoolExhausted",
     "SGIter",

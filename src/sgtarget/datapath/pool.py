@@ -15,9 +15,9 @@ returns ``None`` and the caller turns that into flow control or TASK SET FULL.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
 
 from sgtarget.datapath.sglist import ScatterList
+from sgtarget.datapath.stats import DataPathStats
 
 PAGE_SIZE = mmap.PAGESIZE
 DEFAULT_POOL_SIZE = 64 * 1024 * 1024
@@ -31,16 +31,7 @@ class PoolExhausted(Exception):
     """Raised by callers that cannot wait for blocks; maps to TASK SET FULL."""
 
 
-@dataclass(slots=True)
-class PoolStats:
-    """Counters a benchmark or the metrics endpoint can read."""
-
-    allocations: int = 0
-    failed_allocations: int = 0
-    blocks_in_use: int = 0
-    peak_blocks_in_use: int = 0
-    #: Payload bytes copied in user space (bounce copies, staging). Zero copy keeps this at zero.
-    copied_bytes: int = 0
+PoolStats = DataPathStats
 
 
 class Pool:

@@ -106,8 +106,13 @@ class ScatterList:
             offset = 0
         return out
 
-    def copy_in(self, data: BytesLike, offset: int = 0) -> int:
-        """Copy ``data`` into the list at ``offset``; returns bytes copied (short at the end)."""
+    def copy_in(
+        self, data: BytesLike, offset: int = 0, *, reason: str = "copy_in", direction: str = "in"
+    ) -> int:
+        """Copy ``data`` into the list at ``offset``; returns bytes copied (short at the end).
+
+        Counted in the pool's stats under ``reason``/``direction``.
+        """
         src = memoryview(data).cast("B")
         done = 0
         for view in self.views(offset, min(len(src), self.length - offset)):
@@ -115,7 +120,7 @@ class ScatterList:
             view[:] = src[done : done + n]
             done += n
         if self._pool is not None:
-            self._pool.stats.copied_bytes += done
+            self._pool.stats.add_copy(reason, direction, done)
         return done
 
     def to_bytes(self, offset: int = 0, length: int | None = None) -> bytes:

@@ -18,6 +18,7 @@ import socket
 from typing import TYPE_CHECKING, cast
 
 from sgtarget.datapath import BytesLike, PoolExhausted, ScatterList
+from sgtarget.datapath.stats import OUT
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import (
     CloseConnection,
@@ -278,7 +279,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         for buf in bufs:
             transport.write(buf)
             copied += len(buf)
-        self.server.pool.stats.copied_bytes += copied
+        self.server.pool.stats.add_copy("transport-buffer", OUT, copied)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

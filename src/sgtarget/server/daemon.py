@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -38,6 +39,8 @@ async def serve(config: TargetConfig, *, banner: list[str] | None = None) -> Non
     await stop.wait()
     log.info("shutting down")
     await server.shutdown()
+    # One machine-readable line for benchmarks and operators: what the data path did.
+    print(f"sgtarget: stats {json.dumps(server.pool.stats.snapshot(), sort_keys=True)}")
     print("sgtarget: stopped", flush=True)
 
 

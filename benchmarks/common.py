@@ -1,0 +1,422 @@
+"""Shared pieces of the benchmarks: tools, ports, targets (sgtarget and tgt), RSS, tables.
+
+Everything here is bounded in time and binds to 127.0.0.1 only; nothing installs anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+SG_IQN = "iqn.2026-11.org.sgtarget:target0"
+TGT_IQN = "iqn.2026-11.org.sgtarget:tgt-peer"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+#: Tool -> Debian package that provides it.
+PACKAGES = {
+    "qemu-img": "qemu-utils",
+    "qemu-io": "qemu-utils",
+    "tgtd": "tgt",
+    "tgtadm": "tgt",
+    "iscsi-ls": "libiscsi-bin",
+}
+
+
+class BenchError(Exception):
+    """A target or client misbehaved; the message says how."""
+
+
+def require(*tools: str) -> None:
+    """Exit 2 naming the Debian package when a tool is missing (benchmarks install nothing)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pkgs = sorted({PACKAGES.get(t, t) for t in missing})
+        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
+        print(f"install them with: apt-get install {' '.join(pkgs)}", file=sys.stderr)
+        if "qemu-img" in missing:
+            # iscsi:// URLs need the block driver from qemu-block-extra as well.
+            print("  (and qemu-block-extra for iscsi:// URLs)", file=sys.stderr)
+        sys.exit(2)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style field of /proc/PID/status in KiB (0 if the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    return proc_status_kib(os.getpid() if pid is None else pid, "VmRSS") * 1024
+
+
+def hwm_bytes(pid: int) -> int:
+    return proc_status_kib(pid, "VmHWM") * 1024
+
+
+class RssSampler:
+    """Samples a process's VmRSS every ``interval`` seconds on a thread; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class Stats:
+    """The ``sgtarget: stats {json}`` line; missing keys read as 0."""
+
+    raw: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, output: str) -> Stats | None:
+        for line in output.splitlines():
+            if line.startswith("sgtarget: stats "):
+                data = json.loads(line[len("sgtarget: stats ") :])
+                return cls(data if isinstance(data, dict) else {})
+        return None
+
+    def get(self, key: str) -> int:
+        value = self.raw.get(key, 0)
+        return value if isinstance(value, int) else 0
+
+    @property
+    def copies(self) -> dict[str, int]:
+        value = self.raw.get("copies", {})
+        if not isinstance(value, dict):
+            return {}
+        return {str(k): v for k, v in value.items() if isinstance(v, int)}
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+class SgTarget:
+    """A private ``sgtarget serve`` on 127.0.0.1:PORT with one file LUN; stopped with SIGTERM."""
+
+    def __init__(self, lun_spec: str, *, pool: str | None = None) -> None:
+        self.port = free_port()
+        self.lun_spec = lun_spec
+        self.pool = pool
+        self.url = f"iscsi://127.0.0.1:{self.port}/{SG_IQN}/0"
+        self._logdir = tempfile.TemporaryDirectory(prefix="sgtarget-bench-")
+        self._out = Path(self._logdir.name) / "stdout"
+        self._err = Path(self._logdir.name) / "stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stats: Stats | None = None
+        self.name = "sgtarget"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "sgtarget", "serve", "--portal", f"127.0.0.1:{self.port}"]
+        cmd += ["--lun", self.lun_spec, "--nop-interval", "0"]
+        if self.pool:
+            cmd += ["--pool", self.pool]
+        # Output goes to files, not pipes: nobody reads while it serves, and a full pipe blocks.
+        with self._out.open("wb") as out, self._err.open("wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if f"sgtarget: serving {SG_IQN}" in self._out.read_text():
+                break
+            if self.proc.poll() is not None:
+                raise BenchError(f"sgtarget refused to start: {self.stderr().strip()}")
+            time.sleep(0.05)
+        else:
+            self.kill()
+            raise BenchError("sgtarget printed no banner within 30 s")
+        if not wait_port(self.port, deadline):
+            self.kill()
+            raise BenchError(f"sgtarget is not accepting on port {self.port}")
+
+    def stderr(self) -> str:
+        return self._err.read_text(errors="replace")
+
+    def stop(self) -> Stats:
+        """SIGTERM, expect exit 0 and the stats line."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise BenchError("sgtarget did not stop within 30 s of SIGTERM") from None
+        out = self._out.read_text(errors="replace")
+        stats = Stats.parse(out)
+        if self.proc.returncode != 0 or stats is None:
+            raise BenchError(
+                f"sgtarget exited {self.proc.returncode} without a clean stats line\n"
+                f"stdout:\n{out}\nstderr:\n{self.stderr()}"
+            )
+        self.stats = stats
+        return stats
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _kill_group(self.proc)
+            self.proc.wait(STOP_TIMEOUT)
+
+    def __enter__(self) -> SgTarget:
+        try:
+            self.start()
+        except BaseException:
+            self._logdir.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if et is None and self.stats is None:
+                self.stop()
+        finally:
+            self.kill()
+            self._logdir.cleanup()
+
+
+class TgtTarget:
+    """A private tgtd (foreground, own iSCSI and control port) with the file as LUN 1."""
+
+    def __init__(self, path: Path, *, bstype: str | None = None) -> None:
+        self.port = free_port()
+        # -C only names tgtd's management socket (/var/run/tgtd/socket.N); reuse the port.
+        self.control = self.port
+        self.path = path
+        self.bstype = bstype
+        self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="tgtd-bench-", suffix=".log")  # noqa: SIM115
+        self.name = "tgt"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def adm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tgtadm", "-C", str(self.control), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def _adm_ok(self, *args: str) -> None:
+        r = self.adm(*args)
+        if r.returncode != 0:
+            raise BenchError(f"tgtadm {' '.join(args)} failed: {r.stderr.strip()}")
+
+    def start(self) -> None:
+        cmd = ["tgtd", "-f", "--iscsi", f"portal=127.0.0.1:{self.port}", "-C", str(self.control)]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.adm("--op", "show", "--mode", "target").returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise BenchError(f"tgtd did not come up: {self.log()}")
+            time.sleep(0.1)
+        self._adm_ok(
+            "--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN
+        )
+        lun = ["--lld", "iscsi", "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1"]
+        lun += ["-b", str(self.path)]
+        if self.bstype:
+            lun += ["--bstype", self.bstype]
+        self._adm_ok(*lun)
+        self._adm_ok(
+            "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"
+        )
+        if not wait_port(self.port, deadline):
+            self.kill()
+            raise BenchError("tgtd is not accepting connections")
+        ls = subprocess.run(
+            ["iscsi-ls", "-s", f"iscsi://127.0.0.1:{self.port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if TGT_IQN not in ls.stdout or "Lun:1" not in ls.stdout:
+            self.kill()
+            raise BenchError(f"iscsi-ls does not see tgt's LUN 1:\n{ls.stdout}{ls.stderr}")
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # tgtd ignores SIGTERM: ask it to go, then make sure.
+        self.adm("--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", "1", "--force")
+        self.adm("--op", "delete", "--mode", "system")
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc)
+            self.proc.wait(STOP_TIMEOUT)
+        for suffix in ("", ".lock"):
+            with contextlib.suppress(OSError):
+                Path(f"/var/run/tgtd/socket.{self.control}{suffix}").unlink()
+
+    def __enter__(self) -> TgtTarget:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.kill()
+        finally:
+            self._log.close()
+
+
+@contextlib.contextmanager
+def sparse_file(directory: str, size: int, name: str = "lun.img") -> Iterator[Path]:
+    """A sparse file of ``size`` bytes in a fresh directory under ``directory``, removed after."""
+    with tempfile.TemporaryDirectory(prefix="sgtarget-bench-", dir=directory) as d:
+        path = Path(d) / name
+        with path.open("wb") as f:
+            f.truncate(size)
+        yield path
+
+
+@dataclass
+class Client:
+    """A client process with a time limit; output captured."""
+
+    argv: list[str]
+    proc: subprocess.Popen[str] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    returncode: int | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait(self, deadline: float) -> None:
+        assert self.proc is not None
+        try:
+            self.stdout, self.stderr = self.proc.communicate(
+                timeout=max(deadline - time.monotonic(), 0.1)
+            )
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.stdout, self.stderr = self.proc.communicate()
+            self.stderr += "\n(benchmark: killed at the time limit)"
+        self.returncode = self.proc.returncode
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def report(self) -> str:
+        return (
+            f"$ {' '.join(self.argv)}\nexit {self.returncode}\n"
+            f"stdout:\n{self.stdout.strip()}\nstderr:\n{self.stderr.strip()}"
+        )
+
+
+def run_clients(argvs: Sequence[list[str]], timeout: float) -> tuple[list[Client], float]:
+    """Start all clients at once, wait for all (bounded); returns them and the wall time."""
+    clients = [Client(list(a)) for a in argvs]
+    t0 = time.monotonic()
+    for c in clients:
+        c.start()
+    deadline = t0 + timeout
+    for c in clients:
+        c.wait(deadline)
+    return clients, time.monotonic() - t0
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def mib(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> None:
+    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    if title:
+        print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.rjust(w) if n and i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()

@@ -17,9 +17,10 @@ from sgtarget.iscsi.connection import (
     DataReady,
     LoginComplete,
     TmfRequest,
+    UnsolicitedDropped,
 )
 from sgtarget.iscsi.keys import parse_text
-from sgtarget.iscsi.session import sn_le, sn_lt
+from sgtarget.iscsi.session import Command, sn_le, sn_lt
 
 from .iscsi_peer import INITIATOR, TARGET, Peer, login_request, make_bhs
 
@@ -351,6 +352,42 @@ WRITE_KEYS = [
 ]
 
 
+def answer_r2ts(peer: Peer, itt: int, payload: bytes, mrdsl: int = 8192) -> int:
+    """Answer every R2T the target sent with Data-Out PDUs; returns bytes sent."""
+    sent = 0
+    while True:
+        r2ts = [p for p in peer.received() if p.opcode == pdu.Opcode.R2T]
+        if not r2ts:
+            return sent
+        for r2t in r2ts:
+            off, n = r2t.hdr.buffer_offset, r2t.hdr.w11
+            assert n <= 16384
+            for datasn, pos in enumerate(range(off, off + n, mrdsl)):
+                end = min(pos + mrdsl, off + n)
+                peer.data_out(
+                    itt, r2t.hdr.ttt, pos, payload[pos:end], datasn=datasn, final=end == off + n
+                )
+            sent += n
+
+
+def receive_all(peer: Peer, cmd: Command, itt: int, payload: bytes, start: int = 0) -> bytes:
+    """Drive request_data like the SCSI layer does, window by window, from ``start``; return
+    what arrived."""
+    got = b""
+    while start + len(got) < len(payload):
+        pos = start + len(got)
+        sg = peer.conn.request_data(cmd, pos, len(payload) - pos)
+        if sg is None:
+            answer_r2ts(peer, itt, payload)
+            (ev,) = [e for e in peer.take_events() if isinstance(e, DataReady)]
+            assert ev.command is cmd
+            sg = ev.sg
+        assert sg.length > 0
+        got += sg.to_bytes()
+        sg.release()
+    return got
+
+
 def test_write_immediate_unsolicited_and_solicited_data_land_in_place() -> None:
     peer = logged_in(WRITE_KEYS)
     params = peer.conn.params
@@ -362,27 +399,12 @@ def test_write_immediate_unsolicited_and_solicited_data_land_in_place() -> None:
     peer.data_out(itt, 0xFFFFFFFF, 4096, payload[4096:8192], datasn=0)
     (ready,) = peer.ready_commands()
     cmd = ready.command
-    assert peer.conn.request_data(cmd, 0, len(payload)) is None
-    sent = 0
-    while True:
-        r2ts = [p for p in peer.received() if p.opcode == pdu.Opcode.R2T]
-        if not r2ts:
-            break
-        for r2t in r2ts:
-            off, n = r2t.hdr.buffer_offset, r2t.hdr.w11
-            assert n <= 16384
-            for datasn, pos in enumerate(range(off, off + n, 8192)):
-                end = min(pos + 8192, off + n)
-                peer.data_out(
-                    itt, r2t.hdr.ttt, pos, payload[pos:end], datasn=datasn, final=end == off + n
-                )
-            sent += n
-    assert sent == len(payload) - 8192
-    (ev,) = peer.data_ready()
-    assert isinstance(ev, DataReady)
-    assert ev.command is cmd
-    assert ev.sg.to_bytes() == payload
-    ev.sg.release()
+    # The unsolicited part is handed over as it is, without waiting for the rest.
+    first = peer.conn.request_data(cmd, 0, len(payload))
+    assert first is not None
+    assert first.to_bytes() == payload[:8192]
+    first.release()
+    assert receive_all(peer, cmd, itt, payload, start=8192) == payload[8192:]
     cmd.task.transfer_length = len(payload)
     peer.conn.complete(cmd)
     (resp,) = peer.received()
@@ -598,3 +620,71 @@ def test_login_with_oversize_text_is_refused_from_the_header_alone() -> None:
     assert resp.opcode == pdu.Opcode.LOGIN_RESPONSE
     assert resp.hdr.w9 >> 16 == 0x0200
     assert_closed(peer)
+
+
+def test_r2ts_only_for_blocks_the_pool_can_hold() -> None:
+    pool = Pool(2 * 4096, 4096)
+    peer = logged_in([("InitialR2T", "Yes"), ("ImmediateData", "No")], pool=pool)
+    payload = os.urandom(30000)
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=len(payload), write=True)
+    (ready,) = peer.ready_commands()
+    cmd = ready.command
+    got = b""
+    while len(got) < len(payload):
+        assert peer.conn.request_data(cmd, len(got), len(payload) - len(got)) is None
+        (r2t,) = peer.received()
+        # Solicited: exactly what two 4 KiB blocks hold, never the whole transfer.
+        assert r2t.hdr.buffer_offset == len(got)
+        assert r2t.hdr.w11 == min(8192, len(payload) - len(got))
+        # While the window is out, nothing else can be had: typed exhaustion, not an error.
+        with pytest.raises(PoolExhausted):
+            peer.pool.alloc(1)
+        off, n = r2t.hdr.buffer_offset, r2t.hdr.w11
+        peer.data_out(itt, r2t.hdr.ttt, off, payload[off : off + n], datasn=0)
+        (ev,) = [e for e in peer.take_events() if isinstance(e, DataReady)]
+        got += ev.sg.to_bytes()
+        ev.sg.release()
+    assert got == payload
+    assert pool.stats.peak_blocks_in_use == 2
+
+
+def test_unsolicited_data_uses_the_reserve_and_is_dropped_only_when_it_is_gone() -> None:
+    pool = Pool(4 * 4096, 4096)
+    pool.reserve_blocks = 2
+    peer = logged_in(WRITE_KEYS, pool=pool)
+    hog = pool.alloc(2 * 4096)  # everything but the reserve
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=8192, write=True, data=bytes(4096))
+    (first,) = peer.ready_commands()
+    assert first.command.rx_sg is not None  # held in the reserve
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=8192, write=True, data=bytes(4096))
+    (second,) = peer.ready_commands()
+    assert pool.stats.unsolicited_dropped == 1
+    with pytest.raises(UnsolicitedDropped):
+        peer.conn.request_data(second.command, 0, 8192)
+    second.command.task.status = 0x28
+    peer.conn.complete(second.command)
+    (resp,) = peer.received()
+    assert resp.hdr.b3 == 0x28
+    assert pool.stats.task_set_full == 1
+    hog.release()
+    first.command.task.status = 0x28
+    peer.conn.complete(first.command)
+    peer.received()
+    assert pool.stats.blocks_in_use == 0
+
+
+def test_command_window_shrinks_under_pool_pressure_and_never_moves_back() -> None:
+    pool = Pool(64 * 4096, 4096)
+    peer = logged_in(pool=pool)
+    session = peer.conn.session
+    assert session is not None
+    before = session.max_cmdsn
+    hog = pool.alloc(60 * 4096)
+    assert pool.under_pressure()
+    for _ in range(20):
+        peer.scsi_command(READ10_1BLOCK, edtl=512, read=True)
+    # Twenty commands in flight: the window has stopped growing (16 slots under pressure).
+    assert session.max_cmdsn == before
+    assert pool.stats.window_shrinks == 1
+    hog.release()
+    assert session.max_cmdsn == (session.exp_cmdsn + session.queue_depth - 20 - 1) & 0xFFFFFFFF

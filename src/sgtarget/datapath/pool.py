@@ -8,13 +8,19 @@ handler process without a copy.
 Blocks are handed out by a byte map (one byte per block, 0 = free) searched with
 ``bytearray.find``, which runs in C. The search is confined below a threshold that grows only
 when demand needs it (TCMU's ``dbi_thresh``), so a lightly used pool keeps touching the same low
-blocks and the pages above stay untouched. Exhaustion is an expected outcome: ``try_alloc``
-returns ``None`` and the caller turns that into flow control or TASK SET FULL.
+blocks and the pages above stay untouched; ``reclaim`` lowers it again when the pool goes idle
+and gives the pages above it back to the kernel (TCMU's unmap worker).
+
+Exhaustion is an expected outcome: ``try_alloc`` returns ``None`` and the caller turns that into
+flow control (waiting for ``on_free``) or, as a last resort, TASK SET FULL. A reserve of blocks
+is kept for unsolicited and immediate data, which arrives whether or not we have room and
+cannot wait: ordinary allocations stop short of it.
 """
 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 
 from sgtarget.datapath.sglist import ScatterList
 from sgtarget.datapath.stats import DataPathStats
@@ -25,6 +31,8 @@ DEFAULT_BLOCK_SIZE = 64 * 1024
 
 _FREE = 0
 _USED = 1
+#: The search threshold never drops below this many blocks.
+_MIN_THRESH = 64
 
 
 class PoolExhausted(Exception):
@@ -44,8 +52,11 @@ class Pool:
         "arena",
         "block_size",
         "nblocks",
+        "on_free",
+        "reserve_blocks",
         "size",
         "stats",
+        "waiting",
     )
 
     def __init__(self, size: int = DEFAULT_POOL_SIZE, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -60,24 +71,47 @@ class Pool:
         self.arena = memoryview(self._mmap)
         self._map = bytearray(self.nblocks)
         # Search the first blocks only until demand pushes past them.
-        self._thresh = min(self.nblocks, 64)
+        self._thresh = min(self.nblocks, _MIN_THRESH)
         self.stats = PoolStats()
+        #: Blocks only ``try_alloc(..., reserve=True)`` may take (unsolicited data).
+        self.reserve_blocks = 0
+        #: Called after blocks are freed (the server wakes allocations waiting for memory).
+        self.on_free: Callable[[], None] | None = None
+        #: Allocations currently waiting for blocks (maintained by whoever waits).
+        self.waiting = 0
 
     @property
     def free_blocks(self) -> int:
         return self.nblocks - self.stats.blocks_in_use
 
+    def usable_blocks(self, *, reserve: bool = False) -> int:
+        """Free blocks an allocation may take (the reserve only for ``reserve=True``)."""
+        free = self.free_blocks
+        return free if reserve else max(0, free - self.reserve_blocks)
+
+    def under_pressure(self) -> bool:
+        """Short of memory: someone waits, or less than a quarter of the pool is usable."""
+        return self.waiting > 0 or self.usable_blocks() < self.nblocks // 4
+
+    def try_alloc_upto(self, nbytes: int) -> ScatterList | None:
+        """As many whole blocks as are usable, up to ``nbytes``; ``None`` if not even one."""
+        usable = self.usable_blocks()
+        if usable == 0:
+            self.stats.failed_allocations += 1
+            return None
+        return self.try_alloc(min(nbytes, usable * self.block_size))
+
     def blocks_for(self, nbytes: int) -> int:
         return -(-nbytes // self.block_size)
 
-    def try_alloc(self, nbytes: int) -> ScatterList | None:
-        """A scatter list of at least ``nbytes`` bytes, or ``None`` if the budget is spent.
+    def try_alloc(self, nbytes: int, *, reserve: bool = False) -> ScatterList | None:
+        """A scatter list of ``nbytes`` bytes, or ``None`` if the budget is spent.
 
         Adjacent blocks are merged into one segment, so a run of free blocks becomes a single
-        contiguous entry.
+        contiguous entry. Only ``reserve=True`` may dip into the reserve.
         """
         need = self.blocks_for(nbytes)
-        if need > self.free_blocks:
+        if need > self.usable_blocks(reserve=reserve):
             self.stats.failed_allocations += 1
             return None
         bmap = self._map
@@ -118,6 +152,26 @@ class Pool:
             raise RuntimeError(f"double free of pool blocks {first_block}+{nblocks}")
         bmap[first_block : first_block + nblocks] = bytes(nblocks)
         self.stats.blocks_in_use -= nblocks
+        if self.on_free is not None:
+            self.on_free()
+
+    def reclaim(self) -> int:
+        """Give pages above the highest block in use back to the kernel; returns blocks freed.
+
+        The search threshold drops to just above that block, so later small allocations stay
+        low. ``MADV_REMOVE`` (not ``MADV_DONTNEED``) because the arena is shared memory: only
+        removing the pages frees them.
+        """
+        top = self._map.rfind(_USED, 0, self._thresh) + 1
+        new_thresh = min(self.nblocks, max(_MIN_THRESH, top))
+        if new_thresh >= self._thresh:
+            return 0
+        bs = self.block_size
+        freed = self._thresh - new_thresh
+        self._mmap.madvise(mmap.MADV_REMOVE, new_thresh * bs, freed * bs)
+        self._thresh = new_thresh
+        self.stats.reclaimed_blocks += freed
+        return freed
 
     def close(self) -> None:
         self.arena.release()

@@ -125,6 +125,14 @@ class CommandAborted(Exception):
     """The command was aborted (task management or connection loss) while it waited."""
 
 
+class UnsolicitedDropped(PoolExhausted):
+    """The command's unsolicited data found even the pool's reserve empty and was dropped.
+
+    Waiting cannot help (the bytes are gone): the command ends with TASK SET FULL, nothing
+    executed, and the initiator retries it.
+    """
+
+
 class _RxPhase:
     BHS = 0
     AHS = 1
@@ -432,8 +440,9 @@ class Connection:
             if params.initial_r2t
             else min(params.first_burst_length, hdr.expected_length)
         )
-        sg = self.pool.try_alloc(unsol)
+        sg = self.pool.try_alloc(unsol, reserve=True)
         if sg is None:
+            self.pool.stats.unsolicited_dropped += 1
             # Nothing can hold the data: drop it and answer TASK SET FULL later (no loss:
             # nothing was acknowledged, the initiator retries).
             self._pending_rx = (None, unsol)
@@ -659,6 +668,9 @@ class Connection:
             params=params,
             nexus=Nexus(neg.initiator_name, nexus_key),
             exp_cmdsn=hdr.cmdsn,
+            pool=self.pool,
+            # What the Login Response below advertises.
+            advertised=(hdr.cmdsn + DEFAULT_QUEUE_DEPTH - 1) & 0xFFFFFFFF,
         )
         self.sessions.add(session)
         self.session = session
@@ -758,8 +770,9 @@ class Connection:
         if write and edtl:
             if unsol_sg is None and hdr.data_len == 0 and not params.initial_r2t:
                 unsol = min(params.first_burst_length, edtl)
-                unsol_sg = self.pool.try_alloc(unsol)
+                unsol_sg = self.pool.try_alloc(unsol, reserve=True)
                 if unsol_sg is None:
+                    self.pool.stats.unsolicited_dropped += 1
                     cmd.no_buffer = True
             elif unsol_sg is None and hdr.data_len:
                 cmd.no_buffer = True
@@ -824,45 +837,49 @@ class Connection:
             self._events.append(DataReady(cmd, sg))
 
     def request_data(self, cmd: Command, offset: int, length: int) -> ScatterList | None:
-        """The LU wants Data-Out bytes [offset, offset+length): the scatter list if they are
-        already here, else None and a ``DataReady`` event follows (R2Ts are sent as needed).
+        """Data-Out bytes from ``offset``, at most ``length`` of them, for the LU.
 
-        Windows must be requested in ascending order. Raises ``PoolExhausted``, and
+        Returns the scatter list once its bytes are here, else None and a ``DataReady`` (or
+        ``DataFailed``) event follows. The list may be shorter than ``length``: it ends where
+        the unsolicited data ends, or where the pool ran short — R2Ts are sent only for blocks
+        we could allocate, so a large write streams through whatever memory there is. An empty
+        list means no more data will come (the initiator's expected length is used up).
+
+        Windows must be requested in ascending order. Raises ``PoolExhausted`` when not even
+        one block is free (the caller may wait for memory and ask again),
+        ``UnsolicitedDropped`` when the command's unsolicited data could not be kept, and
         ``CommandAborted`` once the command is aborted or its connection gone.
         """
         if cmd.aborted or cmd.data_error is not None or self.session is None:
             raise CommandAborted(cmd.itt)
         if cmd.no_buffer:
-            raise PoolExhausted(length)
+            raise UnsolicitedDropped(cmd.itt)
         length = max(0, min(length, cmd.write_edtl - offset))
+        if length == 0:
+            return ScatterList(self.pool)
         if cmd.rx_sg is not None and cmd.rx_base == offset:
+            # The unsolicited window, allocated when the command arrived.
             sg = cmd.rx_sg
             if length < cmd.rx_len:
                 self._detach_rx(cmd, keep_below=offset + length)
                 sg.truncate(min(length, sg.length))
                 cmd.rx_len = length
                 cmd.rx_have = min(cmd.rx_have, length)
-            elif length > cmd.rx_len:
-                extra = self.pool.try_alloc(length - cmd.rx_len)
-                if extra is None:
-                    raise PoolExhausted(length)
-                sg.extend(extra)
-                cmd.rx_len = length
         else:
             if cmd.rx_sg is not None:
                 self._detach_rx(cmd)
                 cmd.rx_sg.release()
-            new = self.pool.try_alloc(length)
-            if new is None:
                 cmd.rx_sg = None
+            new = self.pool.try_alloc_upto(length)
+            if new is None:
                 raise PoolExhausted(length)
             sg = new
             cmd.rx_sg = sg
             cmd.rx_base = offset
-            cmd.rx_len = length
+            cmd.rx_len = sg.length
             cmd.rx_have = 0
             cmd.r2t_next = max(cmd.r2t_next, offset)
-        cmd.r2t_end = offset + length
+            cmd.r2t_end = offset + sg.length
         if cmd.rx_have >= cmd.rx_len:
             cmd.rx_sg = None
             return sg
@@ -985,6 +1002,8 @@ class Connection:
             self._cleanup_command(cmd)
             return
         task = cmd.task
+        if task.status == SCSI_STATUS_TASK_SET_FULL:
+            self.pool.stats.task_set_full += 1
         if cmd.data_error is not None:
             task.status = SCSI_STATUS_CHECK_CONDITION
             task.sense = cmd.data_error

@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sgtarget.datapath import ScatterList
+from sgtarget.datapath import Pool, ScatterList
 from sgtarget.iscsi.keys import OperationalParams, SessionType
 from sgtarget.scsi.task import Nexus, Task
 
@@ -140,10 +140,37 @@ class Session:
     in_flight: int = 0
     commands: dict[int, Command] = field(default_factory=dict)
 
+    #: The pool whose pressure closes the window (None: never).
+    pool: Pool | None = None
+    #: Highest MaxCmdSN advertised so far: the window may stop growing, never move back.
+    advertised: int | None = None
+    #: True while the window is held small because the pool is short.
+    shrunk: bool = False
+
     @property
     def max_cmdsn(self) -> int:
-        free = max(self.queue_depth - self.in_flight, 1)
-        return (self.exp_cmdsn + free - 1) & 0xFFFFFFFF
+        """The MaxCmdSN to advertise now.
+
+        The window is the queue depth less the commands in flight. While the pool is under
+        pressure it is cut to an eighth of the queue depth, so initiators send fewer new
+        commands before TASK SET FULL is ever needed (backpressure step b). A session with
+        nothing in flight always keeps one slot, so it can never be shut out for good.
+        """
+        depth = self.queue_depth
+        pressure = self.pool is not None and self.pool.under_pressure()
+        if pressure:
+            depth = max(1, depth // 8)
+            if not self.shrunk and self.pool is not None:
+                self.pool.stats.window_shrinks += 1
+        self.shrunk = pressure
+        free = depth - self.in_flight
+        if free <= 0:
+            free = 0 if self.in_flight else 1
+        new = (self.exp_cmdsn + free - 1) & 0xFFFFFFFF
+        if self.advertised is not None and sn_lt(new, self.advertised):
+            return self.advertised
+        self.advertised = new
+        return new
 
     def in_window(self, cmdsn: int) -> bool:
         return sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)

@@ -609,18 +609,36 @@ class LogicalUnit:
             if cmd.aborted():
                 return
 
-    async def _receive(self, cmd: Cmd, off: int, n: int) -> ScatterList | None:
-        """Data-Out bytes ``[off, off + n)`` (caller releases); ``None`` if the task was aborted."""
+    async def _receive(
+        self, cmd: Cmd, off: int, n: int, *, partial: bool = False
+    ) -> ScatterList | None:
+        """Data-Out bytes from ``off`` (caller releases); ``None`` if the task was aborted.
+
+        With ``partial`` the list may hold fewer than ``n`` bytes (at least one): the transport
+        hands out what it could fit in the pool, and streaming callers simply loop. Otherwise
+        the pieces are gathered into one list of exactly ``n`` bytes.
+        """
         sg = await cmd.channel.receive(off, n)
-        if cmd.aborted():
+        try:
+            while True:
+                if cmd.aborted():
+                    sg.release()
+                    return None
+                if not sg.length:
+                    # The initiator's buffer ended before the CDB's (EDTL was checked before,
+                    # so this is a transport that ended the buffer early).
+                    raise CheckCondition(_BAD_IU)
+                if partial or sg.length >= n:
+                    return sg
+                more = await cmd.channel.receive(off + sg.length, n - sg.length)
+                empty = not more.length
+                sg.extend(more)
+                more.release()
+                if empty:
+                    raise CheckCondition(_BAD_IU)
+        except BaseException:
             sg.release()
-            return None
-        if len(sg) < n:
-            # The initiator sent less than the CDB needs (EDTL was checked before, so this
-            # is a transport that ended the buffer early).
-            sg.release()
-            raise CheckCondition(_BAD_IU)
-        return sg
+            raise
 
     async def _write_blocks(self, cmd: Cmd, lba: int, nblocks: int) -> bool:
         """Receive ``nblocks`` of Data-Out and store them at ``lba``; False if aborted."""
@@ -629,10 +647,10 @@ class LogicalUnit:
         base = lba * bs
         off = 0
         while off < total:
-            n = min(IO_WINDOW, total - off)
-            sg = await self._receive(cmd, off, n)
+            sg = await self._receive(cmd, off, min(IO_WINDOW, total - off), partial=True)
             if sg is None:
                 return False
+            n = sg.length
             try:
                 await self._write_from(sg, base + off, n)
             finally:

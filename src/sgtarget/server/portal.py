@@ -15,9 +15,10 @@ import contextlib
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
-from sgtarget.datapath import BytesLike, PoolExhausted, ScatterList
+from sgtarget.datapath import BytesLike, Pool, PoolExhausted, ScatterList
 from sgtarget.datapath.stats import OUT
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import (
@@ -30,6 +31,7 @@ from sgtarget.iscsi.connection import (
     LoginComplete,
     SessionReinstated,
     TmfRequest,
+    UnsolicitedDropped,
 )
 from sgtarget.iscsi.session import Command, Session
 from sgtarget.scsi.target import ScsiTarget
@@ -42,6 +44,47 @@ log = logging.getLogger(__name__)
 _IOV_MAX = 1024
 
 
+#: How long a command waits for pool blocks before it gives up with TASK SET FULL.
+MEMORY_WAIT = 5.0
+
+
+class MemoryGate:
+    """Allocations waiting for pool blocks. Every free wakes them all, in arrival order.
+
+    Waiting is backpressure step (a): a READ window or an R2T burst simply starts later. Only a
+    command that waits longer than ``MEMORY_WAIT`` gets TASK SET FULL. Nobody waits while
+    holding blocks (windows are released before the next is asked for), so waiting cannot
+    deadlock.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._waiters: list[asyncio.Future[None]] = []
+        pool.on_free = self._wake
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, register: Callable[[asyncio.Future[None]], None] | None = None) -> None:
+        """Until some blocks are freed; raises PoolExhausted after ``MEMORY_WAIT`` seconds."""
+        pool = self.pool
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if register is not None:
+            register(fut)
+        pool.waiting += 1
+        pool.stats.alloc_waits += 1
+        try:
+            await asyncio.wait_for(fut, MEMORY_WAIT)
+        except TimeoutError:
+            raise PoolExhausted("no pool blocks freed in time") from None
+        finally:
+            pool.waiting -= 1
+
+
 class IscsiChannel:
     """``DataChannel`` of one command over an iSCSI connection."""
 
@@ -51,18 +94,37 @@ class IscsiChannel:
         self.proto = proto
         self.cmd = cmd
 
+    def _register(self, fut: asyncio.Future[None]) -> None:
+        # An abort (or connection loss) cancels the wait like it cancels a data wait.
+        self.proto.rx_waiters[self.cmd.itt] = fut
+
     async def alloc(self, nbytes: int) -> ScatterList:
-        sg = self.proto.server.pool.try_alloc(nbytes)
-        if sg is None:
-            raise PoolExhausted(nbytes)
+        proto = self.proto
+        pool = proto.server.pool
+        if pool.blocks_for(nbytes) > pool.nblocks - pool.reserve_blocks:
+            raise PoolExhausted(nbytes)  # could never fit: waiting would not help
+        while (sg := pool.try_alloc(nbytes)) is None:
+            try:
+                await proto.server.memory.wait(self._register)
+            finally:
+                proto.rx_waiters.pop(self.cmd.itt, None)
         return sg
 
     async def receive(self, offset: int, length: int) -> ScatterList:
         proto = self.proto
-        try:
-            sg = proto.conn.request_data(self.cmd, offset, length)
-        except CommandAborted:
-            raise asyncio.CancelledError from None
+        while True:
+            try:
+                sg = proto.conn.request_data(self.cmd, offset, length)
+                break
+            except CommandAborted:
+                raise asyncio.CancelledError from None
+            except UnsolicitedDropped:
+                raise
+            except PoolExhausted:
+                try:
+                    await proto.server.memory.wait(self._register)
+                finally:
+                    proto.rx_waiters.pop(self.cmd.itt, None)
         proto.flush()
         if sg is not None:
             return sg
@@ -94,7 +156,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         )
         self.transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
-        self.rx_waiters: dict[int, asyncio.Future[ScatterList]] = {}
+        #: Per command: the future its data (or memory) wait is parked on; abort cancels it.
+        self.rx_waiters: dict[int, asyncio.Future[Any]] = {}
         self.running: dict[int, asyncio.Task[None]] = {}
         self.write_paused: asyncio.Future[None] | None = None
         self.peer = "?"

@@ -25,7 +25,7 @@ from sgtarget.iscsi.session import (
 from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.lun import decode_lun
 from sgtarget.scsi.target import ScsiTarget
-from sgtarget.server.portal import IscsiProtocol
+from sgtarget.server.portal import IscsiProtocol, MemoryGate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +52,10 @@ class TargetServer:
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
         self.pool = Pool(config.pool_size)
+        # An eighth of the pool (at least one block) is kept for unsolicited data, which
+        # arrives whether or not there is room and cannot wait.
+        self.pool.reserve_blocks = max(1, self.pool.nblocks // 8)
+        self.memory = MemoryGate(self.pool)
         self.limits = TargetLimits()
         self.sessions = SessionTable()
         self.nop_interval = config.nop_interval

@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 DEFAULT_IQN = "iqn.2026-11.org.sgtarget:target0"
 DEFAULT_PORT = 3260
+#: Seconds without a pool allocation after which idle pool pages are given back.
+RECLAIM_INTERVAL = 5.0
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TargetServer:
         self.connections: set[IscsiProtocol] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
+        self._reclaimer: asyncio.Task[None] | None = None
         self.bound: list[tuple[str, int]] = []
 
     async def _run_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
@@ -96,6 +99,19 @@ class TargetServer:
                 self.bound.append((addr[0], addr[1]))
         portals = tuple(format_portal(h, p) for h, p in self.bound)
         self.directory.add(TargetInfo(self.config.iqn, portals=portals))
+        self._reclaimer = loop.create_task(self._reclaim_when_idle())
+
+    async def _reclaim_when_idle(self) -> None:
+        """Give pool pages back to the kernel after a quiet interval (TCMU's unmap worker)."""
+        stats = self.pool.stats
+        last = stats.allocations
+        while True:
+            await asyncio.sleep(RECLAIM_INTERVAL)
+            if stats.allocations == last:
+                freed = self.pool.reclaim()
+                if freed:
+                    log.debug("reclaimed %d idle pool blocks", freed)
+            last = stats.allocations
 
     async def task_management(self, proto: IscsiProtocol, req: TmfRequest) -> int:
         fn = req.function
@@ -145,6 +161,8 @@ class TargetServer:
 
     async def shutdown(self, grace: float = 3.0) -> None:
         """Stop accepting, let running commands finish (briefly), close, flush, release."""
+        if self._reclaimer is not None:
+            self._reclaimer.cancel()
         for server in self._servers:
             server.close()
         running = [t for p in self.connections for t in p.running.values()]

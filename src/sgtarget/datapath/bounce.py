@@ -23,6 +23,7 @@ every backstore I/O is counted once: ``zero_copy_commands`` or ``bounced_command
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import mmap
 import weakref
@@ -184,12 +185,242 @@ async def _settled(aw: Awaitable[int]) -> int:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
         if not fut.done():
-            try:
+            # Its outcome no longer matters; ours (the cancellation) does.
+            with contextlib.suppress(BaseException):
                 await fut
-            except BaseException:  # noqa: S110 - its outcome no longer matters, ours does
-                pass
         raise
 
 
-async def _submit(submit: Submit, views: Sequence[memoryview], offset: int, lim: ConsumerLimits):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+async def _run_consumer(
+    submit: Submit, views: Sequence[memoryview], offset: int, limits: ConsumerLimits
+) -> None:
+    for at, batch in _batches(views, offset, limits):
+        want = sum(len(v) for v in batch)
+        got = await _settled(submit(at, batch))
+        if got != want:
+            # Copying back would expose whatever the bounce held before (another command's data).
+            raise ConsumerError(f"consumer moved {got} of {want} bytes at {at}")
+
+
+def _superset(offset: int, n: int, alignment: int) -> tuple[int, int]:
+    mask = alignment - 1
+    return offset & ~mask, (offset + n + mask) & ~mask
+
+
+async def read_bounced(
+    submit: Submit,
+    views: Sequence[memoryview],
+    offset: int,
+    *,
+    limits: ConsumerLimits,
+    alloc: Alloc,
+    stats: DataPathStats,
+    reason: str = REASON_UNALIGNED,
+) -> None:
+    """Fill ``views`` from file ``offset`` through a bounce the consumer can take."""
+    n = sum(v.nbytes for v in views)
+    start, end = _superset(offset, n, limits.alignment)
+    bounce = await alloc(end - start)
+    try:
+        await _run_consumer(submit, bounce.views(0, end - start), start, limits)
+        copied = _copy(views, bounce.views(offset - start, n))
+    finally:
+        bounce.release()
+    stats.add_copy(reason, OUT, copied)
+    stats.bounced_commands += 1
+
+
+async def write_bounced(
+    submit: Submit,
+    views: Sequence[memoryview],
+    offset: int,
+    *,
+    read: Submit,
+    limits: ConsumerLimits,
+    alloc: Alloc,
+    stats: DataPathStats,
+    reason: str = REASON_UNALIGNED,
+    order: WriteOrder | None = None,
+) -> None:
+    """Store ``views`` at file ``offset`` through a bounce (read-modify-write of the edges).
+
+    ``order`` (one per consumer) keeps concurrent writes off the edge blocks while they are
+    rewritten; without it the caller guarantees no write overlaps.
+    """
+    a = limits.alignment
+    n = sum(v.nbytes for v in views)
+    start, end = _superset(offset, n, a)
+    size = end - start
+    head = offset != start
+    tail = offset + n != end
+    span = await order.enter(start, end, rmw=head or tail) if order is not None else None
+    copied = 0
+    try:
+        bounce = await alloc(size)
+        try:
+            if head:
+                await _run_consumer(read, bounce.views(0, a), start, limits)
+            if tail and not (head and size == a):
+                await _run_consumer(read, bounce.views(size - a, a), end - a, limits)
+            copied = _copy(bounce.views(offset - start, n), views)
+            await _run_consumer(submit, bounce.views(0, size), start, limits)
+        finally:
+            bounce.release()
+    finally:
+        if order is not None and span is not None:
+            order.leave(span)
+    stats.add_copy(reason, IN, copied)
+    stats.bounced_commands += 1
+
+
+class _Span:
+    __slots__ = ("done", "end", "rmw", "start")
+
+    def __init__(self, start: int, end: int, rmw: bool) -> None:
+        self.start = start
+        self.end = end
+        self.rmw = rmw
+        self.done: asyncio.Event | None = None
+
+
+class WriteOrder:
+    """Orders overlapping writes to one consumer when one of them is a read-modify-write.
+
+    An RMW reads its edge blocks, patches them and writes them back: a write landing on those
+    blocks in between would be undone, so the two wait for each other. Plain writes never wait
+    for plain writes (SCSI leaves overlapping concurrent writes unordered), and with no RMW in
+    flight a write costs a list append and remove.
+    """
+
+    __slots__ = ("__weakref__", "_spans")
+
+    def __init__(self) -> None:
+        self._spans: list[_Span] = []
+
+    async def enter(self, start: int, end: int, *, rmw: bool) -> _Span:
+        while True:
+            for span in self._spans:
+                if span.start < end and start < span.end and (rmw or span.rmw):
+                    if span.done is None:
+                        span.done = asyncio.Event()
+                    await span.done.wait()
+                    break
+            else:
+                span = _Span(start, end, rmw)
+                self._spans.append(span)
+                return span
+
+    def leave(self, span: _Span) -> None:
+        self._spans.remove(span)
+        if span.done is not None:
+            span.done.set()
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+
+_ORDERS: weakref.WeakKeyDictionary[object, WriteOrder] = weakref.WeakKeyDictionary()
+
+
+def write_order(consumer: object) -> WriteOrder:
+    """The ``WriteOrder`` of ``consumer`` (created on first use, dropped with the consumer)."""
+    order = _ORDERS.get(consumer)
+    if order is None:
+        order = _ORDERS[consumer] = WriteOrder()
+    return order
+
+
+# ---- entry points for the SCSI layer: a scatter list in, one backstore I/O out ----------------
+
+
+def _pool_of(sg: ScatterList) -> Pool:
+    # Package-internal: the scatter list's pool holds the stats and the fallback allocator.
+    pool = sg._pool
+    if pool is None:
+        raise ValueError("scatter list already released")
+    return pool
+
+
+def _alloc_from(pool: Pool) -> Alloc:
+    async def alloc(nbytes: int) -> ScatterList:
+        return pool.alloc(nbytes)  # no waiting: PoolExhausted becomes TASK SET FULL
+
+    return alloc
+
+
+async def read_into(
+    read: Submit,
+    sg: ScatterList,
+    n: int,
+    offset: int,
+    *,
+    limits: ConsumerLimits | None,
+    alloc: Alloc | None = None,
+) -> None:
+    """Fill ``sg[0:n]`` from file ``offset``: straight into its views when they fit ``limits``,
+    else through a bounce from ``alloc`` (default: the pool, without waiting)."""
+    if n == 0:
+        return  # nothing to move (an empty O_DIRECT call at an odd offset could even fail)
+    views = sg.views(0, n)
+    stats = _pool_of(sg).stats
+    reason = misfit(views, offset, limits)
+    if reason is None:
+        await read(offset, views)
+        stats.zero_copy_commands += 1
+        return
+    assert limits is not None
+    await read_bounced(
+        read,
+        views,
+        offset,
+        limits=limits,
+        alloc=alloc or _alloc_from(_pool_of(sg)),
+        stats=stats,
+        reason=reason,
+    )
+
+
+async def write_from(
+    write: Submit,
+    sg: ScatterList,
+    n: int,
+    offset: int,
+    *,
+    read: Submit,
+    limits: ConsumerLimits | None,
+    alloc: Alloc | None = None,
+    order: WriteOrder | None = None,
+) -> None:
+    """Store ``sg[0:n]`` at file ``offset``, bouncing (read-modify-write) when the views do
+    not fit ``limits``. ``order`` is the consumer's ``WriteOrder``; give it whenever the
+    consumer has an alignment, so unbounced writes are ordered against RMWs too."""
+    if n == 0:
+        return  # nothing to move (an empty O_DIRECT call at an odd offset could even fail)
+    views = sg.views(0, n)
+    stats = _pool_of(sg).stats
+    reason = misfit(views, offset, limits)
+    if reason is None:
+        if order is None or limits is None or limits.alignment == 1:
+            await write(offset, views)
+        else:
+            span = await order.enter(offset, offset + n, rmw=False)
+            try:
+                await write(offset, views)
+            finally:
+                order.leave(span)
+        stats.zero_copy_commands += 1
+        return
+    assert limits is not None
+    if limits.alignment == 1:
+        order = None  # no edges to rewrite: nothing to order
+    await write_bounced(
+        write,
+        views,
+        offset,
+        read=read,
+        limits=limits,
+        alloc=alloc or _alloc_from(_pool_of(sg)),
+        stats=stats,
+        reason=reason,
+        order=order,
+    )

@@ -68,7 +68,11 @@ def test_import_registers_all_kinds() -> None:
     [
         ("ram", {"size": "1M", "sise": "2"}, "ram: unknown key 'sise' (accepted: size)"),
         ("null", {"path": "/x", "size": "1M"}, "null: unknown key 'path' (accepted: size)"),
-        ("file", {"path": "/x", "thin": "1"}, "file: unknown key 'thin' (accepted: path, size)"),
+        (
+            "file",
+            {"path": "/x", "thin": "1"},
+            "file: unknown key 'thin' (accepted: direct, path, size)",
+        ),
         ("ram", {}, "ram: missing required key 'size'"),
         ("null", {}, "null: missing required key 'size'"),
         ("file", {"size": "1M"}, "file: missing required key 'path'"),

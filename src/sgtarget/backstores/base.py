@@ -12,6 +12,8 @@ import abc
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
+from sgtarget.datapath.bounce import ConsumerLimits
+
 Buffers = Sequence[memoryview]
 
 
@@ -26,6 +28,9 @@ class Backstore(abc.ABC):
     kind: ClassVar[str]
     #: True when read/write may block on I/O and must run off the event loop.
     blocking: ClassVar[bool] = True
+    #: What buffers ``readv``/``writev`` accept (alignment, segments); the SCSI layer bounces
+    #: the ones that do not fit. ``None``: any buffers. Class default, instances may override.
+    limits: ConsumerLimits | None = None
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -1,19 +1,25 @@
 """``file``: a regular file served with ``os.preadv``/``os.pwritev`` straight into pool views.
 
-``--lun file:PATH[,size=SIZE]``. With ``size`` the file is created if missing (mode 0o644) and
-grown sparsely with ``ftruncate``; an existing larger file is never shrunk. Without ``size`` the
-file must exist and its size is used. An exclusive ``flock`` keeps two sgtarget processes from
-serving the same file (advisory: it does not stop other programs).
+``--lun file:PATH[,size=SIZE][,direct=1]``. With ``size`` the file is created if missing (mode
+0o644) and grown sparsely with ``ftruncate``; an existing larger file is never shrunk. Without
+``size`` the file must exist and its size is used. An exclusive ``flock`` keeps two sgtarget
+processes from serving the same file (advisory: it does not stop other programs).
+
+``direct=1`` opens the file with ``O_DIRECT``: the page cache is bypassed and the pool's pages go
+to the device as they are. O_DIRECT needs aligned offsets, lengths and addresses, which the
+backstore states in ``limits``; the SCSI layer bounces the I/Os that do not fit.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import stat
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.datapath.bounce import ConsumerLimits
 from sgtarget.units import parse_size
 
 SECTOR = 512
@@ -21,6 +27,12 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")
 if _IOV_MAX <= 0:  # "no limit" from sysconf; Linux never says so, stay within its 1024
     _IOV_MAX = 1024
 _NOWAIT_MISS = frozenset({errno.EAGAIN, errno.EOPNOTSUPP, errno.ENOTSUP})
+#: O_DIRECT alignment of offsets, lengths and buffer addresses. 4096 satisfies every Linux
+#: filesystem and device (logical blocks are at most 4 KiB), and the pool's blocks start on
+#: pages, so aligned I/O needs no bounce; probing each device's own limit is not worth it.
+DIRECT_ALIGNMENT = 4096
+DIRECT_LIMITS = ConsumerLimits(alignment=DIRECT_ALIGNMENT, max_segments=_IOV_MAX)
+_BOOLS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 
 
 def _skip(bufs: Buffers, n: int) -> Buffers:
@@ -48,11 +60,20 @@ class FileBackstore(Backstore):
     kind = "file"
     blocking = True
 
-    def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], size: int | None = None, *, direct: bool = False
+    ) -> None:
         self.path = os.fspath(path)
-        if size is not None and (size <= 0 or size % SECTOR):
-            raise ValueError(f"file: size {size} is not a positive multiple of {SECTOR}")
+        self.direct = direct
+        # Buffered I/O takes any buffers and readv/writev already split at IOV_MAX: no limits.
+        self.limits = DIRECT_LIMITS if direct else None
+        unit = DIRECT_ALIGNMENT if direct else SECTOR
+        if size is not None and (size <= 0 or size % unit):
+            extra = " with direct=1" if direct else ""
+            raise ValueError(f"file: size {size} is not a positive multiple of {unit}{extra}")
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
+        if direct:
+            flags |= os.O_DIRECT
         try:
             fd = os.open(self.path, flags, 0o644)
         except FileNotFoundError:
@@ -62,14 +83,41 @@ class FileBackstore(Backstore):
                 ) from None
             raise BackstoreError(f"file: cannot create {self.path}: directory missing") from None
         except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise self._no_direct(exc) from exc
             raise BackstoreError(f"file: cannot open {self.path}: {_why(exc)}") from exc
         try:
             self._lock(fd)
             super().__init__(self._fit(fd, size))
+            if direct:
+                self._probe_direct(fd)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+
+    def _no_direct(self, exc: OSError) -> BackstoreError:
+        fs = _fs_type(self.path)
+        where = f"its filesystem ({fs})" if fs else "its filesystem"
+        return BackstoreError(
+            f"file: {self.path}: {where} refuses O_DIRECT (direct=1): {_why(exc)}; "
+            "tmpfs and some FUSE filesystems do not support it: use direct=0 or put the file "
+            "on a disk filesystem"
+        )
+
+    def _probe_direct(self, fd: int) -> None:
+        """One aligned read: some filesystems accept O_DIRECT at open and refuse every I/O."""
+        page = mmap.mmap(-1, DIRECT_ALIGNMENT)  # page aligned, as the pool's blocks are
+        view = memoryview(page)
+        try:
+            os.preadv(fd, [view], 0)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise self._no_direct(exc) from None
+            raise BackstoreError(f"file: cannot read {self.path}: {_why(exc)}") from None
+        finally:
+            view.release()
+            page.close()
 
     def _lock(self, fd: int) -> None:
         try:
@@ -91,6 +139,11 @@ class FileBackstore(Backstore):
                 raise ValueError(
                     f"file: {self.path} is {st.st_size} bytes, not a positive multiple of "
                     f"{SECTOR} (give size= to grow it)"
+                )
+            if self.direct and st.st_size % DIRECT_ALIGNMENT:
+                raise ValueError(
+                    f"file: {self.path} is {st.st_size} bytes, not a multiple of "
+                    f"{DIRECT_ALIGNMENT} as direct=1 needs (give size= to grow it)"
                 )
             return st.st_size
         if st.st_size > size:
@@ -156,8 +209,8 @@ class FileBackstore(Backstore):
         a prefix of the data, which ``readv`` overwrites.
         """
         flag = getattr(os, "RWF_NOWAIT", None)
-        if flag is None:
-            return None
+        if flag is None or self.direct:
+            return None  # O_DIRECT never reads from the page cache
         total = self._extent(offset, bufs)
         done = 0
         while done < total:
@@ -206,7 +259,27 @@ class FileBackstore(Backstore):
         return self._fd < 0
 
     def describe(self) -> str:
-        return f"file {self.path} ({self.size} bytes)"
+        mode = ", direct I/O" if self.direct else ""
+        return f"file {self.path} ({self.size} bytes{mode})"
+
+
+def _fs_type(path: str) -> str | None:
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts), best effort."""
+    try:
+        where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        mnt = fields[1].encode().decode("unicode_escape")  # "\040" for spaces and the like
+        inside = where == mnt or where.startswith(mnt.rstrip("/") + "/")
+        if inside and (best is None or len(mnt) >= best[0]):
+            best = (len(mnt), fields[2])
+    return best[1] if best else None
 
 
 def _why(exc: OSError) -> str:
@@ -216,6 +289,12 @@ def _why(exc: OSError) -> str:
 
 @register("file")
 def create_file(params: dict[str, str]) -> FileBackstore:
-    check_params("file", params, ("path", "size"), required=("path",))
+    check_params("file", params, ("direct", "path", "size"), required=("path",))
     size = parse_size(params["size"]) if "size" in params else None
-    return FileBackstore(params["path"], size)
+    raw = params.get("direct", "0")
+    direct = _BOOLS.get(raw.lower())
+    if direct is None:
+        raise ValueError(
+            f"file: direct={raw!r} is not one of {', '.join(_BOOLS)} (O_DIRECT on or off)"
+        )
+    return FileBackstore(params["path"], size, direct=direct)

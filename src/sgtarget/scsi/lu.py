@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sgtarget.backstores.base import Backstore, BackstoreError
-from sgtarget.datapath import PoolExhausted, ScatterList
+from sgtarget.datapath import PoolExhausted, ScatterList, bounce
 from sgtarget.scsi.cdb import (
     BlockCdb,
     decode_block,
@@ -365,9 +365,23 @@ class LogicalUnit:
     # exception's traceback holds the pool views its frames were given, and chaining it (or
     # keeping it in a log record) would pin the arena.
 
-    async def _read_into(self, sg: ScatterList, offset: int, n: int) -> None:
+    # Views that break the backstore's limits (O_DIRECT alignment, segment count) go through a
+    # bounce from ``channel.alloc`` (pool budget and backpressure); without a channel from the
+    # pool without waiting. Both count each I/O as zero-copy or bounced in the pool's stats.
+
+    async def _read_into(
+        self, sg: ScatterList, offset: int, n: int, channel: DataChannel | None = None
+    ) -> None:
+        bs = self.backstore
         try:
-            await self._run(self.backstore.readv, offset, sg.views(0, n))
+            await bounce.read_into(
+                lambda at, views: self._run(bs.readv, at, views),
+                sg,
+                n,
+                offset,
+                limits=bs.limits,
+                alloc=channel.alloc if channel is not None else None,
+            )
             return
         except BackstoreError as exc:
             log.warning(
@@ -377,9 +391,21 @@ class LogicalUnit:
             SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR, information=offset // self.block_size
         )
 
-    async def _write_from(self, sg: ScatterList, offset: int, n: int) -> None:
+    async def _write_from(
+        self, sg: ScatterList, offset: int, n: int, channel: DataChannel | None = None
+    ) -> None:
+        bs = self.backstore
         try:
-            await self._run(self.backstore.writev, offset, sg.views(0, n))
+            await bounce.write_from(
+                lambda at, views: self._run(bs.writev, at, views),
+                sg,
+                n,
+                offset,
+                read=lambda at, views: self._run(bs.readv, at, views),
+                limits=bs.limits,
+                alloc=channel.alloc if channel is not None else None,
+                order=bounce.write_order(bs) if bs.limits is not None else None,
+            )
             return
         except BackstoreError as exc:
             log.warning(
@@ -596,7 +622,7 @@ class LogicalUnit:
             sg = await cmd.channel.alloc(n)
             try:
                 if not cmd.aborted():
-                    await self._read_into(sg, base + off, n)
+                    await self._read_into(sg, base + off, n, cmd.channel)
             except BaseException:
                 sg.release()
                 raise
@@ -652,7 +678,7 @@ class LogicalUnit:
                 return False
             n = sg.length
             try:
-                await self._write_from(sg, base + off, n)
+                await self._write_from(sg, base + off, n, cmd.channel)
             finally:
                 sg.release()
             if cmd.aborted():
@@ -744,7 +770,7 @@ class LogicalUnit:
                 medium = await cmd.channel.alloc(n)
                 if cmd.aborted():
                     return
-                await self._read_into(medium, base + off, n)
+                await self._read_into(medium, base + off, n, cmd.channel)
                 if cmd.aborted():
                     return
                 at = _first_difference(sent.to_bytes(0, n), medium.to_bytes(0, n))
@@ -778,7 +804,7 @@ class LogicalUnit:
             try:
                 if cmd.aborted():
                     return
-                await self._read_into(medium, base + off, n)
+                await self._read_into(medium, base + off, n, cmd.channel)
                 if cmd.aborted():
                     return
                 data = medium.to_bytes(0, n)

@@ -655,7 +655,8 @@ def test_unsolicited_data_uses_the_reserve_and_is_dropped_only_when_it_is_gone()
     hog = pool.alloc(2 * 4096)  # everything but the reserve
     peer.scsi_command(b"\x2a" + bytes(9), edtl=8192, write=True, data=bytes(4096))
     (first,) = peer.ready_commands()
-    assert first.command.rx_sg is not None  # held in the reserve
+    assert first.command.wr is not None
+    assert first.command.wr.rx_sg is not None  # held in the reserve
     peer.scsi_command(b"\x2a" + bytes(9), edtl=8192, write=True, data=bytes(4096))
     (second,) = peer.ready_commands()
     assert pool.stats.unsolicited_dropped == 1

@@ -40,10 +40,11 @@ from sgtarget.iscsi.session import (
     Session,
     SessionTable,
     TargetDirectory,
+    WriteState,
 )
 from sgtarget.scsi.constants import Asc, SenseKey
 from sgtarget.scsi.sense import SenseData
-from sgtarget.scsi.task import DataDirection, Nexus, Task
+from sgtarget.scsi.task import DataDirection, Nexus
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ class Connection:
         # Immediate data of the SCSI Command being received, and its unsolicited total.
         self._pending_rx: _ImmediateData = (None, 0)
         self._rx_landed = 0
+        #: Interned 8-byte LUN fields, so commands share one object per LUN.
+        self._luns: dict[bytes, bytes] = {}
         # Target-initiated NOP-In pings.
         self._nop_interval = nop_interval
         self._nop_timeout = nop_timeout
@@ -460,21 +463,25 @@ class Connection:
             self._begin_data(hdr, [])
             self._discard = True
             return
+        wr = cmd.wr
+        if wr is None:
+            self._fail_data(cmd, hdr, Asc.UNEXPECTED_UNSOLICITED_DATA, "Data-Out for a read")
+            return
         off = hdr.buffer_offset
         if hdr.ttt == pdu.RESERVED_TAG:
-            if hdr.datasn != cmd.unsol_datasn:
+            if hdr.datasn != wr.unsol_datasn:
                 self._fail_data(cmd, hdr, Asc.DATA_PHASE_ERROR, "unsolicited DataSN")
                 return
-            if off != cmd.unsol_received:
+            if off != wr.unsol_received:
                 self._fail_data(cmd, hdr, Asc.DATA_OFFSET_ERROR, "unsolicited data offset")
                 return
-            if off + n > cmd.unsol_expected:
+            if off + n > wr.unsol_expected:
                 self._fail_data(cmd, hdr, Asc.UNEXPECTED_UNSOLICITED_DATA, "unsolicited data")
                 return
-            cmd.unsol_datasn += 1
-            cmd.unsol_received += n
+            wr.unsol_datasn += 1
+            wr.unsol_received += n
         else:
-            r2t = cmd.r2ts.get(hdr.ttt)
+            r2t = wr.r2ts.get(hdr.ttt)
             if r2t is None:
                 self._fail_data(cmd, hdr, Asc.DATA_PHASE_ERROR, "Data-Out for unknown TTT")
                 return
@@ -488,9 +495,9 @@ class Connection:
             r2t[2] += n
             r2t[3] += 1
         # Land the bytes inside the current receive window, drop anything outside it.
-        sg = cmd.rx_sg
-        lo = max(off, cmd.rx_base)
-        hi = min(off + n, cmd.rx_base + cmd.rx_len)
+        sg = wr.rx_sg
+        lo = max(off, wr.rx_base)
+        hi = min(off + n, wr.rx_base + wr.rx_len)
         if sg is None or hi <= lo:
             self._rx_landed = 0
             self._begin_data(hdr, [], cmd)
@@ -498,7 +505,7 @@ class Connection:
         dest: list[memoryview] = []
         if lo > off:
             dest.extend(self._sink_views(lo - off))
-        dest.extend(sg.views(lo - cmd.rx_base, hi - lo))
+        dest.extend(sg.views(lo - wr.rx_base, hi - lo))
         if off + n > hi:
             dest.extend(self._sink_views(off + n - hi))
         self._rx_landed = hi - lo
@@ -756,35 +763,37 @@ class Connection:
         edtl = hdr.expected_length
         read = bool(hdr.b1 & pdu.F_READ)
         write = bool(hdr.b1 & pdu.F_WRITE)
-        task = Task()
-        task.cdb = hdr.cdb
-        task.lun = hdr.lun_bytes
-        task.expected_length = edtl
-        task.direction = DataDirection(int(read) | (int(write) << 1))
-        task.tag = hdr.itt
-        task.nexus = session.nexus
-        cmd = Command(hdr.itt, hdr.cmdsn, task)
+        cmd = session.take_slot()
+        cmd.cdb = hdr.cdb
+        # Nearly every command names one of a few LUNs: share their field objects.
+        cmd.lun = self._luns.setdefault(hdr.lun_bytes, hdr.lun_bytes)
+        cmd.expected_length = edtl
+        cmd.direction = DataDirection(int(read) | (int(write) << 1))
+        cmd.tag = hdr.itt
+        cmd.nexus = session.nexus
+        cmd.cmdsn = hdr.cmdsn
         cmd.immediate = hdr.immediate
         cmd.read_edtl = edtl if read else 0
         cmd.write_edtl = edtl if write else 0
         if write and edtl:
+            wr = cmd.wr = WriteState()
             if unsol_sg is None and hdr.data_len == 0 and not params.initial_r2t:
                 unsol = min(params.first_burst_length, edtl)
                 unsol_sg = self.pool.try_alloc(unsol, reserve=True)
                 if unsol_sg is None:
                     self.pool.stats.unsolicited_dropped += 1
-                    cmd.no_buffer = True
+                    wr.no_buffer = True
             elif unsol_sg is None and hdr.data_len:
-                cmd.no_buffer = True
+                wr.no_buffer = True
             if hdr.data_len == 0 and params.initial_r2t:
                 unsol = 0
-            cmd.unsol_expected = unsol
-            cmd.unsol_received = hdr.data_len
-            cmd.rx_sg = unsol_sg
-            cmd.rx_base = 0
-            cmd.rx_len = unsol if unsol_sg is not None else 0
-            cmd.rx_have = hdr.data_len if unsol_sg is not None else 0
-            cmd.r2t_next = unsol
+            wr.unsol_expected = unsol
+            wr.unsol_received = hdr.data_len
+            wr.rx_sg = unsol_sg
+            wr.rx_base = 0
+            wr.rx_len = unsol if unsol_sg is not None else 0
+            wr.rx_have = hdr.data_len if unsol_sg is not None else 0
+            wr.r2t_next = unsol
         elif unsol_sg is not None:
             unsol_sg.release()
         session.commands[hdr.itt] = cmd
@@ -793,18 +802,19 @@ class Connection:
         self._events.append(CommandReady(cmd))
 
     def _on_data_out(self, hdr: Header, cmd: Command | None) -> None:
-        if cmd is None or cmd.aborted:
+        if cmd is None or cmd.aborted or cmd.wr is None:
             return
+        wr = cmd.wr
         landed, self._rx_landed = self._rx_landed, 0
-        cmd.rx_have += landed
+        wr.rx_have += landed
         if hdr.ttt != pdu.RESERVED_TAG:
-            r2t = cmd.r2ts.get(hdr.ttt)
+            r2t = wr.r2ts.get(hdr.ttt)
             if r2t is not None and r2t[2] >= r2t[1]:
                 if not hdr.final:
                     log.debug("R2T %#x satisfied without F bit", hdr.ttt)
-                del cmd.r2ts[hdr.ttt]
-                self._issue_r2ts(cmd)
-        self._check_rx_done(cmd)
+                del wr.r2ts[hdr.ttt]
+                self._issue_r2ts(cmd, wr)
+        self._check_rx_done(cmd, wr)
 
     def _fail_data(self, cmd: Command, hdr: Header, asc: Asc, what: str) -> None:
         """A Data-Out the command cannot accept: end the command, keep the connection.
@@ -821,19 +831,22 @@ class Connection:
             hdr.buffer_offset,
         )
         cmd.data_error = SenseData(SenseKey.ABORTED_COMMAND, asc).fixed()
-        cmd.r2ts.clear()
-        cmd.r2t_next = cmd.r2t_end
         self._begin_data(hdr, [])
         self._discard = True
         self._discard_reason = None
-        if cmd.rx_waiting:
-            cmd.rx_waiting = False
+        wr = cmd.wr
+        if wr is None:
+            return
+        wr.r2ts.clear()
+        wr.r2t_next = wr.r2t_end
+        if wr.rx_waiting:
+            wr.rx_waiting = False
             self._events.append(DataFailed(cmd))
 
-    def _check_rx_done(self, cmd: Command) -> None:
-        if cmd.rx_waiting and cmd.rx_have >= cmd.rx_len and cmd.rx_sg is not None:
-            sg, cmd.rx_sg = cmd.rx_sg, None
-            cmd.rx_waiting = False
+    def _check_rx_done(self, cmd: Command, wr: WriteState) -> None:
+        if wr.rx_waiting and wr.rx_have >= wr.rx_len and wr.rx_sg is not None:
+            sg, wr.rx_sg = wr.rx_sg, None
+            wr.rx_waiting = False
             self._events.append(DataReady(cmd, sg))
 
     def request_data(self, cmd: Command, offset: int, length: int) -> ScatterList | None:
@@ -852,52 +865,53 @@ class Connection:
         """
         if cmd.aborted or cmd.data_error is not None or self.session is None:
             raise CommandAborted(cmd.itt)
-        if cmd.no_buffer:
-            raise UnsolicitedDropped(cmd.itt)
+        wr = cmd.wr
         length = max(0, min(length, cmd.write_edtl - offset))
-        if length == 0:
+        if wr is None or length == 0:
             return ScatterList(self.pool)
-        if cmd.rx_sg is not None and cmd.rx_base == offset:
+        if wr.no_buffer:
+            raise UnsolicitedDropped(cmd.itt)
+        if wr.rx_sg is not None and wr.rx_base == offset:
             # The unsolicited window, allocated when the command arrived.
-            sg = cmd.rx_sg
-            if length < cmd.rx_len:
+            sg = wr.rx_sg
+            if length < wr.rx_len:
                 self._detach_rx(cmd, keep_below=offset + length)
                 sg.truncate(min(length, sg.length))
-                cmd.rx_len = length
-                cmd.rx_have = min(cmd.rx_have, length)
+                wr.rx_len = length
+                wr.rx_have = min(wr.rx_have, length)
         else:
-            if cmd.rx_sg is not None:
+            if wr.rx_sg is not None:
                 self._detach_rx(cmd)
-                cmd.rx_sg.release()
-                cmd.rx_sg = None
+                wr.rx_sg.release()
+                wr.rx_sg = None
             new = self.pool.try_alloc_upto(length)
             if new is None:
                 raise PoolExhausted(length)
             sg = new
-            cmd.rx_sg = sg
-            cmd.rx_base = offset
-            cmd.rx_len = sg.length
-            cmd.rx_have = 0
-            cmd.r2t_next = max(cmd.r2t_next, offset)
-            cmd.r2t_end = offset + sg.length
-        if cmd.rx_have >= cmd.rx_len:
-            cmd.rx_sg = None
+            wr.rx_sg = sg
+            wr.rx_base = offset
+            wr.rx_len = sg.length
+            wr.rx_have = 0
+            wr.r2t_next = max(wr.r2t_next, offset)
+            wr.r2t_end = offset + sg.length
+        if wr.rx_have >= wr.rx_len:
+            wr.rx_sg = None
             return sg
-        cmd.rx_waiting = True
-        self._issue_r2ts(cmd)
+        wr.rx_waiting = True
+        self._issue_r2ts(cmd, wr)
         return None
 
-    def _issue_r2ts(self, cmd: Command) -> None:
+    def _issue_r2ts(self, cmd: Command, wr: WriteState) -> None:
         params = self.params
         session = self.session
         assert params is not None
         assert session is not None
-        while cmd.r2t_next < cmd.r2t_end and len(cmd.r2ts) < params.max_outstanding_r2t:
-            off = cmd.r2t_next
-            n = min(params.max_burst_length, cmd.r2t_end - off)
+        while wr.r2t_next < wr.r2t_end and len(wr.r2ts) < params.max_outstanding_r2t:
+            off = wr.r2t_next
+            n = min(params.max_burst_length, wr.r2t_end - off)
             ttt = self._new_ttt()
-            cmd.r2ts[ttt] = [off, n, 0, 0]
-            cmd.r2t_next = off + n
+            wr.r2ts[ttt] = [off, n, 0, 0]
+            wr.r2t_next = off + n
             bhs = pdu.build(
                 Opcode.R2T,
                 lun=int.from_bytes(cmd.lun, "big"),
@@ -906,11 +920,11 @@ class Connection:
                 w6=self.statsn,
                 w7=session.exp_cmdsn,
                 w8=session.max_cmdsn,
-                w9=cmd.r2tsn,
+                w9=wr.r2tsn,
                 w10=off,
                 w11=n,
             )
-            cmd.r2tsn += 1
+            wr.r2tsn += 1
             self._emit(bhs, [], 0)
 
     def _new_ttt(self) -> int:
@@ -922,7 +936,8 @@ class Connection:
         """Stop a PDU in mid-reception from landing in ``cmd``'s buffers (they are going)."""
         if self._phase != _RxPhase.DATA or self._dest_cmd is not cmd:
             return
-        if keep_below is not None and cmd.rx_base + cmd.rx_len <= keep_below:
+        wr = cmd.wr
+        if keep_below is not None and wr is not None and wr.rx_base + wr.rx_len <= keep_below:
             return
         remaining = sum(len(v) for v in self._dest[self._dest_idx :]) - self._dest_pos
         self._dest = self._sink_views(remaining) if remaining else [memoryview(self._sink)[:0]]
@@ -963,7 +978,6 @@ class Connection:
                 cmd.held_sg = sg
                 cmd.held_views = views
                 cmd.held_offset = pos
-                cmd.sent = max(cmd.sent, pos + n)
                 return
             final = (pos + n) % burst == 0
             bhs = pdu.build(
@@ -980,14 +994,13 @@ class Connection:
             cmd.datasn += 1
             self._emit(bhs, views, n)
             pos += n
-        cmd.sent = max(cmd.sent, end)
         self._out_release.append(sg)
 
     def _release_held(self, cmd: Command) -> None:
         if cmd.held_sg is not None:
             cmd.held_sg.release()
             cmd.held_sg = None
-            cmd.held_views = []
+            cmd.held_views = None
 
     def complete(self, cmd: Command) -> None:
         """The SCSI layer is done with ``cmd``: send its status (unless it was aborted)."""
@@ -998,17 +1011,19 @@ class Connection:
         del session.commands[cmd.itt]
         if not cmd.immediate:
             session.in_flight -= 1
-        if cmd.aborted or self.state is ConnState.CLOSED:
-            self._cleanup_command(cmd)
-            return
-        task = cmd.task
-        if task.status == SCSI_STATUS_TASK_SET_FULL:
+        if not cmd.aborted and self.state is not ConnState.CLOSED:
+            self._send_status(session, cmd)
+        self._cleanup_command(cmd)
+        session.return_slot(cmd)
+
+    def _send_status(self, session: Session, cmd: Command) -> None:
+        if cmd.status == SCSI_STATUS_TASK_SET_FULL:
             self.pool.stats.task_set_full += 1
         if cmd.data_error is not None:
-            task.status = SCSI_STATUS_CHECK_CONDITION
-            task.sense = cmd.data_error
-        edtl = task.expected_length
-        spdtl = task.transfer_length
+            cmd.status = SCSI_STATUS_CHECK_CONDITION
+            cmd.sense = cmd.data_error
+        edtl = cmd.expected_length
+        spdtl = cmd.transfer_length
         flags = 0
         residual = 0
         if spdtl > edtl:
@@ -1017,73 +1032,56 @@ class Connection:
         elif spdtl < edtl:
             flags = pdu.F_UNDERFLOW
             residual = edtl - spdtl
-        lun = int.from_bytes(cmd.lun, "big")
-        if cmd.held_sg is not None and task.status == SCSI_STATUS_GOOD and not task.sense:
+        good = cmd.status == SCSI_STATUS_GOOD and not cmd.sense
+        if cmd.held_sg is not None and cmd.held_views is not None:
+            # The last Data-In: with the status folded in when it is GOOD (RFC 7143 §11.7.4).
             n = sum(len(v) for v in cmd.held_views)
             bhs = pdu.build(
                 Opcode.DATA_IN,
-                b1=F_FINAL | pdu.F_STATUS | flags,
-                b3=task.status,
-                lun=lun,
+                b1=F_FINAL | (pdu.F_STATUS | flags if good else 0),
+                b3=cmd.status if good else 0,
+                lun=int.from_bytes(cmd.lun, "big"),
                 itt=cmd.itt,
                 w5=pdu.RESERVED_TAG,
-                w6=self._next_statsn(),
+                w6=self._next_statsn() if good else 0,
                 w7=session.exp_cmdsn,
                 w8=session.max_cmdsn,
                 w9=cmd.datasn,
                 w10=cmd.held_offset,
-                w11=residual,
+                w11=residual if good else 0,
             )
             cmd.datasn += 1
             self._emit(bhs, cmd.held_views, n)
             self._out_release.append(cmd.held_sg)
             cmd.held_sg = None
-            cmd.held_views = []
-            self._cleanup_command(cmd)
-            return
-        if cmd.held_sg is not None:
-            n = sum(len(v) for v in cmd.held_views)
-            bhs = pdu.build(
-                Opcode.DATA_IN,
-                b1=F_FINAL,
-                lun=lun,
-                itt=cmd.itt,
-                w5=pdu.RESERVED_TAG,
-                w7=session.exp_cmdsn,
-                w8=session.max_cmdsn,
-                w9=cmd.datasn,
-                w10=cmd.held_offset,
-            )
-            cmd.datasn += 1
-            self._emit(bhs, cmd.held_views, n)
-            self._out_release.append(cmd.held_sg)
-            cmd.held_sg = None
-            cmd.held_views = []
-        data = pdu.sense_segment(task.sense) if task.sense else b""
+            cmd.held_views = None
+            if good:
+                return
+        data = pdu.sense_segment(cmd.sense) if cmd.sense else b""
         bhs = pdu.build(
             Opcode.SCSI_RESPONSE,
             b1=F_FINAL | flags,
-            b2=0,
-            b3=task.status,
+            b3=cmd.status,
             data_len=len(data),
-            lun=0,
             itt=cmd.itt,
             w6=self._next_statsn(),
             w7=session.exp_cmdsn,
             w8=session.max_cmdsn,
-            w9=cmd.datasn + cmd.r2tsn,
+            # ExpDataSN: the Data-In and R2T PDUs sent for the command.
+            w9=cmd.datasn + (cmd.wr.r2tsn if cmd.wr is not None else 0),
             w11=residual,
         )
         self._emit(bhs, [data] if data else [], len(data))
-        self._cleanup_command(cmd)
 
     def _cleanup_command(self, cmd: Command) -> None:
         self._release_held(cmd)
-        if cmd.rx_sg is not None:
-            self._detach_rx(cmd)
-            cmd.rx_sg.release()
-            cmd.rx_sg = None
-        cmd.r2ts.clear()
+        wr = cmd.wr
+        if wr is not None:
+            if wr.rx_sg is not None:
+                self._detach_rx(cmd)
+                wr.rx_sg.release()
+                wr.rx_sg = None
+            wr.r2ts.clear()
 
     def abort(self, cmd: Command) -> bool:
         """Mark ``cmd`` aborted: no status will be sent for it. False if already gone."""
@@ -1091,7 +1089,6 @@ class Connection:
         if session is None or session.commands.get(cmd.itt) is not cmd:
             return False
         cmd.aborted = True
-        cmd.task.aborted = True
         self._release_held(cmd)
         return True
 
@@ -1101,7 +1098,6 @@ class Connection:
             return
         for cmd in list(session.commands.values()):
             cmd.aborted = True
-            cmd.task.aborted = True
             self._cleanup_command(cmd)
         for _hdr, payload in self._deferred.values():
             _release_payload(payload)

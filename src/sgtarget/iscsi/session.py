@@ -56,11 +56,54 @@ def sn_le(a: int, b: int) -> bool:
     return a == b or sn_lt(a, b)
 
 
-class Command:
-    """iSCSI state of one SCSI command: its data windows, R2Ts and Data-In sequence."""
+class WriteState:
+    """Data-Out bookkeeping, allocated only for commands that carry Data-Out."""
 
     __slots__ = (
-        "aborted",
+        "no_buffer",
+        "r2t_end",
+        "r2t_next",
+        "r2ts",
+        "r2tsn",
+        "rx_base",
+        "rx_have",
+        "rx_len",
+        "rx_sg",
+        "rx_waiting",
+        "unsol_datasn",
+        "unsol_expected",
+        "unsol_received",
+    )
+
+    def __init__(self) -> None:
+        # One receive window [rx_base, rx_base + rx_len) at a time.
+        self.rx_sg: ScatterList | None = None
+        self.rx_base = 0
+        self.rx_len = 0
+        self.rx_have = 0
+        self.rx_waiting = False
+        #: The unsolicited data found no room and was dropped (the command gets TASK SET FULL).
+        self.no_buffer = False
+        self.unsol_expected = 0
+        self.unsol_received = 0
+        self.unsol_datasn = 0
+        #: Outstanding R2Ts: TTT -> [buffer offset, length, received, next DataSN].
+        self.r2ts: dict[int, list[int]] = {}
+        self.r2t_next = 0
+        self.r2t_end = 0
+        self.r2tsn = 0
+
+
+class Command(Task):
+    """One command slot: the SCSI ``Task`` plus its iSCSI state, in one slotted object.
+
+    Sessions preallocate one per slot of their command window and reuse them (seed 000:
+    small per-command descriptors, allocated up front). Everything a command only sometimes
+    needs hangs off it lazily: ``wr`` exists only for commands with Data-Out, the held Data-In
+    only while a READ's last PDU waits for its status, ``sense`` only on errors.
+    """
+
+    __slots__ = (
         "cmdsn",
         "data_error",
         "datasn",
@@ -68,61 +111,40 @@ class Command:
         "held_sg",
         "held_views",
         "immediate",
-        "itt",
-        "lun",
-        "no_buffer",
-        "r2t_end",
-        "r2t_next",
-        "r2ts",
-        "r2tsn",
         "read_edtl",
-        "rx_base",
-        "rx_have",
-        "rx_len",
-        "rx_sg",
-        "rx_waiting",
-        "sent",
-        "task",
-        "unsol_datasn",
-        "unsol_expected",
-        "unsol_received",
+        "wr",
         "write_edtl",
     )
 
-    def __init__(self, itt: int, cmdsn: int, task: Task) -> None:
-        self.itt = itt
-        self.cmdsn = cmdsn
-        self.task = task
-        self.lun = task.lun
+    def __init__(self) -> None:
+        super().__init__()
+        self.clear()
+
+    def clear(self) -> None:
+        """Back to an idle slot (``Task.reset`` plus the iSCSI fields)."""
+        self.reset()
+        self.cmdsn = 0
         self.immediate = False
         self.read_edtl = 0
         self.write_edtl = 0
-        # Data-Out side: one receive window [rx_base, rx_base + rx_len) at a time.
-        self.rx_sg: ScatterList | None = None
-        self.rx_base = 0
-        self.rx_len = 0
-        self.rx_have = 0
-        self.rx_waiting = False
-        self.no_buffer = False
-        self.unsol_expected = 0
-        self.unsol_received = 0
-        self.unsol_datasn = 0
-        # Outstanding R2Ts: TTT -> [buffer offset, length, received, next DataSN].
-        self.r2ts: dict[int, list[int]] = {}
-        self.r2t_next = 0
-        self.r2t_end = 0
-        self.r2tsn = 0
-        # Data-In side.
+        self.wr: WriteState | None = None
         self.datasn = 0
-        self.sent = 0
         #: The final Data-In PDU, held back so the status can ride on it.
         self.held_sg: ScatterList | None = None
-        self.held_views: list[memoryview] = []
+        self.held_views: list[memoryview] | None = None
         self.held_offset = 0
-        self.aborted = False
         #: Sense data when the data phase failed (bad DataSN, offset, length): the command
         #: ends with CHECK CONDITION while the connection carries on.
         self.data_error: bytes | None = None
+
+    @property
+    def itt(self) -> int:
+        return self.tag
+
+    @property
+    def task(self) -> Task:
+        """The SCSI view of this command (the same object)."""
+        return self
 
 
 @dataclass(eq=False)
@@ -139,6 +161,8 @@ class Session:
     #: Non-immediate commands received and not yet answered (they hold window slots).
     in_flight: int = 0
     commands: dict[int, Command] = field(default_factory=dict)
+    #: Idle command slots, preallocated for the whole window (see ``Command``).
+    free_slots: list[Command] = field(default_factory=list)
 
     #: The pool whose pressure closes the window (None: never).
     pool: Pool | None = None
@@ -171,6 +195,18 @@ class Session:
             return self.advertised
         self.advertised = new
         return new
+
+    def __post_init__(self) -> None:
+        self.free_slots = [Command() for _ in range(self.queue_depth)]
+
+    def take_slot(self) -> Command:
+        """An idle command slot; immediate commands beyond the window get a fresh one."""
+        return self.free_slots.pop() if self.free_slots else Command()
+
+    def return_slot(self, cmd: Command) -> None:
+        if len(self.free_slots) < self.queue_depth:
+            cmd.clear()
+            self.free_slots.append(cmd)
 
     def in_window(self, cmdsn: int) -> bool:
         return sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)

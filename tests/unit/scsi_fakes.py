@@ -68,6 +68,9 @@ class FakeChannel:
         self.sends: list[tuple[int, int, bool]] = []
         self.receives: list[tuple[int, int]] = []
         self.exhausted = False
+        #: Like a transport under memory pressure: partial allocations and receives are cut
+        #: to this many bytes (0: no limit).
+        self.partial_limit = 0
         #: Called before each channel operation returns (e.g. to abort the task).
         self.hook: Callable[[str], None] | None = None
 
@@ -75,10 +78,12 @@ class FakeChannel:
         if self.hook is not None:
             self.hook(what)
 
-    async def alloc(self, nbytes: int) -> ScatterList:
+    async def alloc(self, nbytes: int, *, partial: bool = False) -> ScatterList:
         await asyncio.sleep(0)
         if self.exhausted:
             raise PoolExhausted(nbytes)
+        if partial and self.partial_limit:
+            nbytes = min(nbytes, self.partial_limit)
         sg = self.pool.alloc(nbytes)
         self._hook("alloc")
         return sg
@@ -88,6 +93,8 @@ class FakeChannel:
         if self.exhausted:
             raise PoolExhausted(length)
         self.receives.append((offset, length))
+        if self.partial_limit:
+            length = min(length, self.partial_limit)
         chunk = self.data_out[offset : offset + length]
         sg = self.pool.alloc(len(chunk))
         sg.copy_in(chunk)

@@ -927,3 +927,21 @@ def test_execute_is_reentrant_for_concurrent_tasks(
     a, b = asyncio.run(both())
     assert bytes(a.data_in) + bytes(b.data_in) == store.data[: 8 * BS]
     assert pool.stats.blocks_in_use == 0
+
+
+def test_read_and_write_stream_through_short_windows_under_pressure(
+    ready: ScsiTarget, pool: Pool, store: MemBackstore
+) -> None:
+    def squeeze(ch: FakeChannel) -> None:
+        ch.partial_limit = 3 * BS  # the transport hands out three blocks at a time
+
+    data = pattern(16 * BS, seed=7)
+    task, ch = run(ready, pool, rw10(0x2A, 4, 16), data_out=data, setup=squeeze)
+    good(task)
+    assert [n for _off, n in ch.receives][:2] == [16 * BS, 13 * BS]
+    assert store.data[4 * BS : 20 * BS] == data
+    task, ch = run(ready, pool, rw10(0x28, 4, 16), edtl=16 * BS, setup=squeeze)
+    good(task)
+    assert bytes(ch.data_in) == data
+    assert [n for _off, n, _last in ch.sends] == [3 * BS] * 5 + [BS]
+    assert [last for *_, last in ch.sends] == [False] * 5 + [True]

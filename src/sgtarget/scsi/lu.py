@@ -618,8 +618,9 @@ class LogicalUnit:
         base = blk.lba * bs
         off = 0
         while off < limit:
-            n = min(IO_WINDOW, limit - off)
-            sg = await cmd.channel.alloc(n)
+            # A smaller window when the pool is short: reads stream through what there is.
+            sg = await cmd.channel.alloc(min(IO_WINDOW, limit - off), partial=True)
+            n = sg.length
             try:
                 if not cmd.aborted():
                     await self._read_into(sg, base + off, n, cmd.channel)

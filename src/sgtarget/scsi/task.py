@@ -91,8 +91,13 @@ class DataChannel(Protocol):
     returns fewer bytes than asked.
     """
 
-    async def alloc(self, nbytes: int) -> ScatterList:
-        """Pool blocks for ``nbytes``; raises ``PoolExhausted`` when none can be had."""
+    async def alloc(self, nbytes: int, *, partial: bool = False) -> ScatterList:
+        """Pool blocks for ``nbytes`` (waiting for memory if need be).
+
+        With ``partial`` the list may be shorter (at least one block, or ``nbytes`` if that is
+        less) when the pool is short, so streaming callers take what there is and loop.
+        Raises ``PoolExhausted`` when nothing can be had in time (TASK SET FULL).
+        """
         ...
 
     async def receive(self, offset: int, length: int) -> ScatterList:

@@ -98,12 +98,16 @@ class IscsiChannel:
         # An abort (or connection loss) cancels the wait like it cancels a data wait.
         self.proto.rx_waiters[self.cmd.itt] = fut
 
-    async def alloc(self, nbytes: int) -> ScatterList:
+    async def alloc(self, nbytes: int, *, partial: bool = False) -> ScatterList:
         proto = self.proto
         pool = proto.server.pool
-        if pool.blocks_for(nbytes) > pool.nblocks - pool.reserve_blocks:
+        if partial:
+            take = pool.try_alloc_upto
+        elif pool.blocks_for(nbytes) > pool.nblocks - pool.reserve_blocks:
             raise PoolExhausted(nbytes)  # could never fit: waiting would not help
-        while (sg := pool.try_alloc(nbytes)) is None:
+        else:
+            take = pool.try_alloc
+        while (sg := take(nbytes)) is None:
             try:
                 await proto.server.memory.wait(self._register)
             finally:

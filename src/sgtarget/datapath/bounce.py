@@ -189,6 +189,10 @@ async def _settled(aw: Awaitable[int]) -> int:
             with contextlib.suppress(BaseException):
                 await fut
         raise
+    finally:
+        # An exception's traceback holds this frame and the task holds the exception: break
+        # the cycle, or the pool views in the traceback pin the arena until the next gc.
+        del fut
 
 
 async def _run_consumer(

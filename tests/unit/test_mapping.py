@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    Bundle,
-    RuleBasedStateMachine,
-    consumes,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from sgtarget.datapath import Pool, PoolExhausted, ScatterList
 from sgtarget.datapath.mapping import (
@@ -40,7 +33,9 @@ def _fill(sg: ScatterList, seed: int) -> bytes:
     return data
 
 
-def _pieces(pool: Pool, sg: ScatterList, off: int, length: int, limit: int) -> list[tuple[int, int]]:
+def _pieces(
+    pool: Pool, sg: ScatterList, off: int, length: int, limit: int
+) -> list[tuple[int, int]]:
     """Independent model: (arena offset, length) per scatter entry, split at ``limit``."""
     out: list[tuple[int, int]] = []
     pos = 0
@@ -239,18 +234,20 @@ def test_to_consumer_writes_are_discarded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("slot_size", "max_slots", "mask", "match"),
     [
-        ({"slot_size": 3000}, "power of two"),
-        ({"max_slots": 100}, "power of two"),
-        ({"min_align_mask": 0x234}, "2\\*\\*k"),
-        ({"min_align_mask": 0x3FFFF}, "no room"),
+        (3000, 128, 0, "power of two"),
+        (2048, 100, 0, "power of two"),
+        (2048, 128, 0x234, "2\\*\\*k"),
+        (2048, 128, 0x3FFFF, "no room"),
     ],
 )
-def test_bad_window_parameters(kwargs: dict[str, int], match: str) -> None:
+def test_bad_window_parameters(slot_size: int, max_slots: int, mask: int, match: str) -> None:
     pool = Pool(64 * KiB, BS)
     with pytest.raises(ValueError, match=match):
-        WindowMapping(pool, 256 * KiB, **kwargs)
+        WindowMapping(
+            pool, 256 * KiB, slot_size=slot_size, max_slots=max_slots, min_align_mask=mask
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -300,9 +297,6 @@ class _Live:
 
 
 class WindowMachine(RuleBasedStateMachine):
-    mappings = Bundle("mappings")
-    dead = Bundle("dead")
-
     def __init__(self) -> None:
         super().__init__()
         self.pool = Pool(POOL_BLOCKS * BS, BS)
@@ -315,7 +309,9 @@ class WindowMachine(RuleBasedStateMachine):
         self.copied_out = 0
         self.calls = 0
         self.fail_at: int | None = None
+        self.dead: list[Mapped] = []
         self.win: WindowMapping | None = None
+        self.fragmenters: list[ScatterList] = []
 
     def _hook(self) -> bool:
         self.calls += 1
@@ -323,7 +319,7 @@ class WindowMachine(RuleBasedStateMachine):
 
     @initialize(
         mask=st.sampled_from([0, 0x3FF, 0x7FF, 0xFFF, 0x1FFF, 0x3FFF]),
-        nslots=st.sampled_from([24, 64, 130, 256]),
+        nslots=st.sampled_from([16, 40, 64, 130, 256]),
         max_slots=st.sampled_from([16, 64, 128]),
         holes=st.lists(st.booleans(), min_size=POOL_BLOCKS // 2, max_size=POOL_BLOCKS // 2),
     )
@@ -332,15 +328,20 @@ class WindowMachine(RuleBasedStateMachine):
         if run - (-(-mask // SLOT) * SLOT) <= 0:
             mask = 0
         self.win = WindowMapping(
-            self.pool, nslots * SLOT, max_slots=max_slots, min_align_mask=mask, fail_alloc=self._hook
+            self.pool,
+            nslots * SLOT,
+            max_slots=max_slots,
+            min_align_mask=mask,
+            fail_alloc=self._hook,
         )
-        # Fragment the pool: take half of it block by block and give some back.
+        # Fragment the pool: take half of it block by block and give some back, so later
+        # scatter lists are made of several segments.
         taken = [self.pool.alloc(BS) for _ in holes]
         for sg, hole in zip(taken, holes, strict=True):
             if hole:
                 sg.release()
             else:
-                self._adopt(sg)
+                self.fragmenters.append(sg)
 
     @property
     def window(self) -> WindowMapping:
@@ -353,32 +354,36 @@ class WindowMachine(RuleBasedStateMachine):
         self.sgs[sid] = sg
         self.model[sid] = bytearray(_fill(sg, sid))
 
-    @rule(nbytes=st.integers(1, 40 * BS))
-    def alloc(self, nbytes: int) -> None:
-        sg = self.pool.try_alloc(nbytes)
-        if sg is not None:
-            self._adopt(sg)
-
-    @precondition(lambda self: len(self.sgs) > len(self.busy))
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
-        sid = data.draw(st.sampled_from(sorted(set(self.sgs) - self.busy)))
+        idle = sorted(set(self.sgs) - self.busy)
+        if not idle:
+            return
+        sid = data.draw(st.sampled_from(idle))
         self.sgs.pop(sid).release()
         del self.model[sid]
 
-    @precondition(lambda self: len(self.sgs) > len(self.busy))
     @rule(
-        target=mappings,
         data=st.data(),
         direction=st.sampled_from(DIRECTIONS),
         fail_at=st.none() | st.integers(1, 4),
+        new=st.none() | st.integers(1, 40 * BS),
     )
-    def map(self, data: st.DataObject, direction: MapDirection, fail_at: int | None) -> int:
+    def map(
+        self, data: st.DataObject, direction: MapDirection, fail_at: int | None, new: int | None
+    ) -> None:
+        # Map a fresh scatter list (allocated over the fragmented pool) or an idle one.
         win = self.window
-        sid = data.draw(st.sampled_from(sorted(set(self.sgs) - self.busy)))
+        if new is not None and (sg_new := self.pool.try_alloc(new)) is not None:
+            self._adopt(sg_new)
+        idle = sorted(set(self.sgs) - self.busy)
+        if not idle:
+            return
+        sid = idle[-1] if new is not None else data.draw(st.sampled_from(idle))
         sg = self.sgs[sid]
-        off = data.draw(st.integers(0, sg.length))
-        n = data.draw(st.integers(0, sg.length - off))
+        off = data.draw(st.integers(0, min(sg.length, 3 * BS)))
+        rest = sg.length - off
+        n = data.draw(st.just(rest) | st.integers(0, rest))
         pieces = _pieces(self.pool, sg, off, n, win.max_mapping_size)
         before = win.stats.slots_in_use
         failures = win.stats.map_failures
@@ -386,18 +391,23 @@ class WindowMachine(RuleBasedStateMachine):
         try:
             mapped = win.map(sg, off, n, direction)
         except WindowFull:
+            event("window full" if fail_at is None or fail_at > len(pieces) else "injected")
             # Nothing partly mapped survives a failure, and it was counted.
             assert win.stats.slots_in_use == before
             assert win.stats.map_failures == failures + 1
-            return -1
+            return
         except ValueError:
+            event("never fits")
             assert win.stats.slots_in_use == before
-            assert sum(-(-(p_n + SLOT) // SLOT) for _o, p_n in pieces) > win.nslots // 2
-            return -1
+            # Only a mapping that can never fit is refused outright (the in-slot offset of a
+            # piece is below a page).
+            assert sum(-(-(p_n + PAGE - 1) // SLOT) for _o, p_n in pieces) > win.nslots
+            return
         finally:
             self.fail_at = None
         # A failure injected at an allocation that happened must have failed the map.
         assert fail_at is None or fail_at > len(pieces)
+        event(f"mapped {min(len(pieces), 3)}+ pieces")
         mid = self.next_id
         self.next_id += 1
         self.busy.add(sid)
@@ -408,13 +418,18 @@ class WindowMachine(RuleBasedStateMachine):
         assert [e_n for _w, e_n in mapped.entries] == [p_n for _o, p_n in pieces]
         # Every direction sees the original bytes first (TO_CONSUMER and the pre-copy).
         assert bytes(self.live[mid].window_model) == bytes(self.model[sid][off : off + n])
-        return mid
 
-    @rule(mid=mappings, data=st.data())
-    def consumer_writes(self, mid: int, data: st.DataObject) -> None:
-        live = self.live.get(mid)
-        if live is None or live.length == 0:
+    def _pick(self, data: st.DataObject) -> int | None:
+        if not self.live:
+            return None
+        return data.draw(st.sampled_from(sorted(self.live)))
+
+    @rule(data=st.data())
+    def consumer_writes(self, data: st.DataObject) -> None:
+        mid = self._pick(data)
+        if mid is None or self.live[mid].length == 0:
             return
+        live = self.live[mid]
         lo = data.draw(st.integers(0, live.length - 1))
         hi = data.draw(st.integers(lo + 1, min(live.length, lo + 3 * BS)))
         patch = data.draw(st.binary(min_size=hi - lo, max_size=hi - lo))
@@ -426,21 +441,25 @@ class WindowMachine(RuleBasedStateMachine):
                 view[a - pos : b - pos] = patch[a - lo : b - lo]
             pos += len(view)
 
-    @rule(target=dead, mid=consumes(mappings))
-    def unmap(self, mid: int) -> Mapped | None:
-        live = self.live.pop(mid, None)
-        if live is None:
-            return None
+    @rule(data=st.data())
+    def unmap_one(self, data: st.DataObject) -> None:
+        mid = self._pick(data)
+        if mid is not None:
+            self.unmap(mid)
+
+    def unmap(self, mid: int) -> None:
+        live = self.live.pop(mid)
         self.window.unmap(live.mapped)
         self.busy.discard(live.sg)
         if live.mapped.direction is not MapDirection.TO_CONSUMER:
             self.model[live.sg][live.offset : live.offset + live.length] = live.window_model
             self.copied_out += live.length
-        return live.mapped
+        self.dead.append(live.mapped)
 
-    @rule(mapped=dead)
-    def double_unmap_raises(self, mapped: Mapped | None) -> None:
-        if mapped is not None:
+    @rule(data=st.data())
+    def double_unmap_raises(self, data: st.DataObject) -> None:
+        if self.dead:
+            mapped = data.draw(st.sampled_from(self.dead))
             with pytest.raises(ValueError, match="not a live"):
                 self.window.unmap(mapped)
 
@@ -471,7 +490,7 @@ class WindowMachine(RuleBasedStateMachine):
             # Nothing else wrote into this mapping's part of the window.
             assert b"".join(m.views()) == live.window_model
         spans.sort()
-        for (_a, end), (start, _b) in zip(spans, spans[1:], strict=False):
+        for (_a, end), (start, _b) in itertools.pairwise(spans):
             assert end <= start, "live mappings overlap in the window"
         assert win.stats.slots_in_use == slots
         assert win.stats.live_mappings == len(self.live)
@@ -493,11 +512,11 @@ class WindowMachine(RuleBasedStateMachine):
             assert self.win.stats.live_mappings == 0
             self.originals_and_copies()
             self.win.close()
-        for sg in self.sgs.values():
+        for sg in [*self.sgs.values(), *self.fragmenters]:
             sg.release()
         assert self.pool.stats.blocks_in_use == 0
         self.pool.close()
 
 
 TestWindowMachine = WindowMachine.TestCase
-TestWindowMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestWindowMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)

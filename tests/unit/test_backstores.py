@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,12 @@ from sgtarget.backstores.file import FileBackstore
 from sgtarget.backstores.null import NullBackstore
 from sgtarget.backstores.ram import RamBackstore
 from sgtarget.datapath import Pool
+from sgtarget.scsi.constants import Status
+from sgtarget.scsi.lu import LogicalUnit
+from sgtarget.scsi.target import ScsiTarget
+from sgtarget.scsi.task import run_inline
+
+from .scsi_fakes import run
 
 MiB = 1 << 20
 
@@ -661,3 +669,179 @@ def test_file_short_transfer_inside_non_byte_view(
 def test_ram_absurd_size_is_refused_up_front() -> None:
     with pytest.raises(BackstoreError, match="ram: cannot map 4E of memory"):
         RamBackstore(4 << 60)
+
+
+# --- file: direct=1 (O_DIRECT) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def direct_dir() -> Iterator[Path]:
+    """A directory on a disk filesystem: tmp_path may be tmpfs, which refuses O_DIRECT."""
+    d = Path(tempfile.mkdtemp(prefix="sgtarget-direct-", dir="/var/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def open_direct(path: Path, size: int | None = 4 * MiB) -> FileBackstore:
+    try:
+        return FileBackstore(path, size, direct=True)
+    except BackstoreError as exc:
+        if "O_DIRECT" in str(exc):
+            pytest.skip(f"O_DIRECT refused under /var/tmp too: {exc}")
+        raise
+
+
+@pytest.mark.parametrize(
+    ("value", "direct"),
+    [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("no", False), ("False", False)],
+)
+def test_file_direct_key(direct_dir: Path, value: str, direct: bool) -> None:
+    try:
+        b = create("file", {"path": str(direct_dir / "d.img"), "size": "64K", "direct": value})
+    except BackstoreError as exc:
+        pytest.skip(f"O_DIRECT refused under /var/tmp: {exc}")
+    assert isinstance(b, FileBackstore)
+    try:
+        assert b.direct is direct
+        assert b.limits == (file_mod.DIRECT_LIMITS if direct else None)
+        assert ("direct I/O" in b.describe()) is direct
+        if direct:
+            assert b.limits is not None
+            assert b.limits.alignment == 4096
+            assert b.read_nowait(0, [memoryview(bytearray(512))]) is None
+    finally:
+        b.close()
+
+
+def test_file_direct_bad_value(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"file: direct='on' is not one of 1, yes, true, 0"):
+        create("file", {"path": str(tmp_path / "d.img"), "size": "64K", "direct": "on"})
+    assert not (tmp_path / "d.img").exists()
+
+
+def test_file_direct_size_must_be_4k_multiple(direct_dir: Path) -> None:
+    with pytest.raises(ValueError, match="size 6144 is not a positive multiple of 4096"):
+        FileBackstore(direct_dir / "a.img", 6144, direct=True)
+    (direct_dir / "b.img").write_bytes(bytes(6144))
+    with pytest.raises(ValueError, match="6144 bytes, not a multiple of 4096 as direct=1 needs"):
+        open_direct(direct_dir / "b.img", None)
+
+
+def test_file_direct_refused_at_open_names_the_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    monkeypatch.setattr(file_mod, "_fs_type", lambda path: "tmpfs")
+    with pytest.raises(BackstoreError) as info:
+        FileBackstore(tmp_path / "d.img", 64 * 1024, direct=True)
+    msg = str(info.value)
+    assert "its filesystem (tmpfs) refuses O_DIRECT (direct=1)" in msg
+    assert "EINVAL" in msg
+    assert "use direct=0" in msg
+
+
+def test_file_direct_refused_at_first_io_is_caught_by_the_probe(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def einval(*args: Any) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "preadv", einval)
+        with pytest.raises(BackstoreError, match=r"refuses O_DIRECT \(direct=1\)"):
+            FileBackstore(direct_dir / "d.img", 64 * 1024, direct=True)
+    # The descriptor and its lock were released.
+    open_direct(direct_dir / "d.img", 64 * 1024).close()
+
+
+def test_fs_type_of_known_mounts(tmp_path: Path) -> None:
+    assert file_mod._fs_type("/proc/self/status") == "proc"
+    assert file_mod._fs_type(str(tmp_path / "x")) is not None
+
+
+def test_file_direct_roundtrip_aligned_is_zero_copy(direct_dir: Path, pool: Pool) -> None:
+    b = open_direct(direct_dir / "d.img")
+    try:
+        n = 200 * 1024
+        data = pattern(n, seed=41)
+        sg = pool.alloc(n)
+        sg.copy_in(data)
+        copied = pool.stats.copied_bytes
+        assert b.writev(4096 * 3, sg.views()) == n
+        sg.zero()
+        assert b.readv(4096 * 3, sg.views()) == n
+        assert sg.to_bytes() == data
+        assert pool.stats.copied_bytes == copied
+        sg.release()
+    finally:
+        b.close()
+
+
+def rw10(op: int, lba: int, n: int) -> bytes:
+    return bytes([op, 0]) + lba.to_bytes(4, "big") + b"\0" + n.to_bytes(2, "big") + b"\0"
+
+
+def direct_target(b: FileBackstore) -> ScsiTarget:
+    return ScsiTarget("iqn.2024-01.test:direct", [LogicalUnit(b, runner=run_inline, identity="d")])
+
+
+def test_file_direct_through_lu_aligned_reads_copy_nothing(direct_dir: Path, pool: Pool) -> None:
+    b = open_direct(direct_dir / "d.img")
+    try:
+        target = direct_target(b)
+        run(target, pool, bytes(6))  # the power-on unit attention
+        data = pattern(64 * 1024, seed=43)
+        task, _ = run(target, pool, rw10(0x2A, 8, 128), data_out=data)
+        assert task.status == Status.GOOD, task.sense.hex()
+        # The fake transport copies Data-Out into the pool; the backstore copies nothing.
+        assert not any(r.startswith("bounce") for r, _ in pool.stats.copies)
+        before = pool.stats.copied_bytes
+        task, ch = run(target, pool, rw10(0x28, 8, 128), edtl=len(data))
+        assert task.status == Status.GOOD, task.sense.hex()
+        assert bytes(ch.data_in) == data
+        assert pool.stats.copied_bytes == before
+        assert pool.stats.zero_copy_commands == 2
+        assert pool.stats.bounced_commands == 0
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize(
+    ("lba", "nblocks"),
+    [(3, 5), (0, 1), (7, 2), (8, 9), (1, 16), (4095, 1), (1, 2100)],
+)
+def test_file_direct_through_lu_unaligned_bounces(
+    direct_dir: Path, pool: Pool, lba: int, nblocks: int
+) -> None:
+    path = direct_dir / "d.img"
+    b = open_direct(path)
+    try:
+        target = direct_target(b)
+        run(target, pool, bytes(6))
+        old = pattern(4 * MiB, seed=5)
+        with open(path, "r+b") as f:
+            f.write(old)
+        data = pattern(nblocks * 512, seed=lba)
+        task, _ = run(target, pool, rw10(0x2A, lba, nblocks), data_out=data)
+        assert task.status == Status.GOOD, task.sense.hex()
+        expect = bytearray(old)
+        expect[lba * 512 : (lba + nblocks) * 512] = data
+        assert path.read_bytes() == expect  # neighbours in the edge blocks are kept
+        task, ch = run(target, pool, rw10(0x28, lba, nblocks), edtl=len(data))
+        assert task.status == Status.GOOD, task.sense.hex()
+        assert bytes(ch.data_in) == data
+        windows = -(-len(data) // (1024 * 1024))
+        assert pool.stats.bounced_commands == 2 * windows
+        assert pool.stats.copies[("bounce-unaligned", "in")] == len(data)
+        assert pool.stats.copies[("bounce-unaligned", "out")] == len(data)
+    finally:
+        b.close()

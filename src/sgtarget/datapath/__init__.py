@@ -14,3 +14,24 @@ __all__ = [
     "SGIter",
     "ScatterList",
 ]
+
+# Mapping exports are appended (not merged above) so parallel edits to this file don't collide.
+from sgtarget.datapath.mapping import (
+    IdentityMapping,
+    MapDirection,
+    Mapped,
+    Mapping,
+    MappingStats,
+    WindowFull,
+    WindowMapping,
+)
+
+__all__ += [
+    "IdentityMapping",
+    "MapDirection",
+    "Mapped",
+    "Mapping",
+    "MappingStats",
+    "WindowFull",
+    "WindowMapping",
+]

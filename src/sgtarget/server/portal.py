@@ -1,11 +1,9 @@
 """asyncio adapter for one iSCSI connection: socket bytes <-> the sans-I/O ``Connection``.
 
 Received bytes go where ``Connection.get_buffer`` says (header buffer or pool blocks) through
-``asyncio.BufferedProtocol``; nothing is copied on the way in. Output goes out with one
-``sendmsg`` over header and pool views while the transport's own buffer is empty; only what the
-kernel does not take at once is handed to the transport (which copies it; counted in the pool's
-``copied_bytes``). On Python 3.11 ``transport.writelines`` would join the buffers: a copy of
-every payload byte, so it is not used.
+``asyncio.BufferedProtocol``; nothing is copied on the way in. Output goes out through
+``ZeroCopyWriter`` (sender.py): ``sendmsg`` over header bytes and pool views, the unsent tail
+kept as views, never copied into a transport buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from sgtarget.datapath import BytesLike, Pool, PoolExhausted, ScatterList
+from sgtarget.datapath import Pool, PoolExhausted, ScatterList
 from sgtarget.datapath.stats import OUT
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import (
@@ -35,13 +33,12 @@ from sgtarget.iscsi.connection import (
 )
 from sgtarget.iscsi.session import Command, Session
 from sgtarget.scsi.target import ScsiTarget
+from sgtarget.server.sender import ZeroCopyWriter
 
 if TYPE_CHECKING:
     from sgtarget.server.target import TargetServer
 
 log = logging.getLogger(__name__)
-
-_IOV_MAX = 1024
 
 
 #: How long a command waits for pool blocks before it gives up with TASK SET FULL.
@@ -159,7 +156,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             nop_interval=server.nop_interval,
         )
         self.transport: asyncio.Transport | None = None
-        self._sock: socket.socket | None = None
+        self._writer: ZeroCopyWriter | None = None
         #: Per command: the future its data (or memory) wait is parked on; abort cancels it.
         self.rx_waiters: dict[int, asyncio.Future[Any]] = {}
         self.running: dict[int, asyncio.Task[None]] = {}
@@ -180,10 +177,17 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if raw is not None:
             # A private duplicate of the fd lets us sendmsg() a header + payload views in one
             # call; asyncio's and uvloop's socket wrappers do not offer sendmsg.
-            self._sock = socket.socket(fileno=os.dup(raw.fileno()))
-            self._sock.setblocking(False)
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+            sock.setblocking(False)
             with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._writer = ZeroCopyWriter(
+                self.loop,
+                sock,
+                on_error=lambda _exc: self.abort(),
+                pause=self.pause_writing,
+                resume=self.resume_writing,
+            )
         self.server.connections.add(self)
         log.info("connection from %s", self.peer)
         self._arm_timer()
@@ -224,10 +228,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             scsi = self.server.scsi_target_for(session)
             if scsi is not None:
                 scsi.nexus_lost(session.nexus)
+        if self._writer is not None:
+            self._writer.close()
         self.resume_writing()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
         self.server.connections.discard(self)
 
     # ---- events ---------------------------------------------------------------------------------
@@ -318,41 +321,34 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         bufs, release = self.conn.take_output()
-        if bufs and self.transport is not None and not self.transport.is_closing():
-            self._send(bufs)
+        transport = self.transport
+        if not bufs or transport is None or transport.is_closing():
+            for sg in release:
+                sg.release()
+            return
+        if self._writer is not None:
+            self._writer.send(bufs, release)
+            return
+        # No socket to sendmsg on (an exotic transport): it buffers, which is a copy.
+        for buf in bufs:
+            transport.write(buf)
+        self.server.pool.stats.add_copy("transport-buffer", OUT, sum(len(b) for b in bufs))
         for sg in release:
             sg.release()
 
-    def _send(self, bufs: list[BytesLike]) -> None:
-        transport = self.transport
-        assert transport is not None
-        sock = self._sock
-        if sock is not None and transport.get_write_buffer_size() == 0:
-            while bufs:
-                chunk = bufs[:_IOV_MAX]
-                try:
-                    sent = sock.sendmsg(chunk)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    log.info("send to %s failed: %s", self.peer, exc)
-                    transport.abort()
-                    return
-                bufs = _consume(bufs, sent)
-            if not bufs:
-                return
-        # The kernel is full: the transport buffers the rest (a copy, counted).
-        copied = 0
-        for buf in bufs:
-            transport.write(buf)
-            copied += len(buf)
-        self.server.pool.stats.add_copy("transport-buffer", OUT, copied)
-
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Close once everything queued (a Logout Response, a Reject) is on the wire."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._writer is not None:
+            self._writer.when_drained(transport.close)
+        else:
+            transport.close()
 
     def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         if self.transport is not None:
             self.transport.abort()
 
@@ -376,18 +372,6 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     @property
     def session(self) -> Session | None:
         return self.conn.session
-
-
-def _consume(bufs: list[BytesLike], sent: int) -> list[BytesLike]:
-    """Drop ``sent`` bytes from the front of ``bufs`` (slicing, never copying)."""
-    i = 0
-    while i < len(bufs) and sent >= len(bufs[i]):
-        sent -= len(bufs[i])
-        i += 1
-    rest = bufs[i:]
-    if sent and rest:
-        rest[0] = memoryview(rest[0])[sent:]
-    return rest
 
 
 # HARDWARE ERROR / INTERNAL TARGET FAILURE, fixed format.

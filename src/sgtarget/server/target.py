@@ -82,7 +82,15 @@ class TargetServer:
 
     async def _run_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, fn, *args)
+        fut = loop.run_in_executor(self.executor, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The thread is still reading or writing pool blocks: the caller may release
+            # them only after it is done, or another command could be handed live memory.
+            with contextlib.suppress(BaseException):
+                await fut
+            raise
 
     def scsi_target_for(self, session: Session) -> ScsiTarget | None:
         return self.scsi if session.target_name == self.scsi.name else None

@@ -190,7 +190,8 @@ async def send_reply(cmd: Cmd, data: bytes, alloc_len: int) -> None:
     if task.aborted:
         sg.release()
         return
-    sg.copy_in(memoryview(data)[:n])
+    # Emulated parameter data is built in Python, so it must be copied into the pool once.
+    sg.copy_in(memoryview(data)[:n], reason="emulated-reply", direction="out")
     await cmd.channel.send(sg, 0, n, last=True)
 
 

@@ -689,3 +689,38 @@ def test_command_window_shrinks_under_pool_pressure_and_never_moves_back() -> No
     assert pool.stats.window_shrinks == 1
     hog.release()
     assert session.max_cmdsn == (session.exp_cmdsn + session.queue_depth - 20 - 1) & 0xFFFFFFFF
+
+
+def test_next_window_is_solicited_while_the_lu_writes_the_current_one() -> None:
+    peer = logged_in([("InitialR2T", "Yes"), ("ImmediateData", "No")])
+    payload = os.urandom(3 * 16384)
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=len(payload), write=True)
+    (ready,) = peer.ready_commands()
+    cmd = ready.command
+    cmd.transfer_length = len(payload)
+    assert peer.conn.request_data(cmd, 0, 16384) is None
+    (first,) = peer.received()
+    assert (first.hdr.buffer_offset, first.hdr.w11) == (0, 16384)
+    peer.data_out(itt, first.hdr.ttt, 0, payload[:16384], datasn=0)
+    # Handing over window 1 already sent the R2T for window 2 (prefetch)...
+    (ev,) = [e for e in peer.take_events() if isinstance(e, DataReady)]
+    r2ts = [p for p in peer.received() if p.opcode == pdu.Opcode.R2T]
+    assert [(r.hdr.buffer_offset, r.hdr.w11) for r in r2ts] == [(16384, 16384)]
+    ev.sg.release()
+    off, n = r2ts[0].hdr.buffer_offset, r2ts[0].hdr.w11
+    peer.data_out(itt, r2ts[0].hdr.ttt, off, payload[off : off + n], datasn=0)
+    # ...so it is already here when the LU asks, and window 3 goes out in turn.
+    sg = peer.conn.request_data(cmd, 16384, 16384)
+    assert sg is not None
+    assert sg.to_bytes() == payload[16384:32768]
+    sg.release()
+    (r2t,) = peer.received()
+    assert (r2t.hdr.buffer_offset, r2t.hdr.w11) == (32768, 16384)
+    # Nothing is solicited past the CDB's transfer length.
+    peer.data_out(itt, r2t.hdr.ttt, 32768, payload[32768:], datasn=0)
+    sg = peer.conn.request_data(cmd, 32768, 16384)
+    assert sg is not None
+    sg.release()
+    assert peer.received() == []
+    peer.conn.complete(cmd)
+    assert peer.pool.stats.blocks_in_use == 0

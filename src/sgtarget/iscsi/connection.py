@@ -845,9 +845,35 @@ class Connection:
 
     def _check_rx_done(self, cmd: Command, wr: WriteState) -> None:
         if wr.rx_waiting and wr.rx_have >= wr.rx_len and wr.rx_sg is not None:
-            sg, wr.rx_sg = wr.rx_sg, None
             wr.rx_waiting = False
-            self._events.append(DataReady(cmd, sg))
+            self._events.append(DataReady(cmd, self._hand_over(cmd, wr)))
+
+    def _hand_over(self, cmd: Command, wr: WriteState) -> ScatterList:
+        """Give the filled window to the LU and, memory permitting, solicit the next one now.
+
+        The next window then streams in while the LU writes this one, instead of each window
+        waiting for the backstore and a fresh R2T round trip. It is sized as the LU will ask
+        (its last request, up to the CDB's transfer length), so it is never cut short later.
+        Under pool pressure nothing is prefetched: memory goes to commands that need it.
+        """
+        sg = wr.rx_sg
+        assert sg is not None
+        wr.rx_sg = None
+        nxt = wr.rx_base + wr.rx_len
+        end = cmd.write_edtl
+        if cmd.transfer_length:
+            end = min(end, cmd.transfer_length)
+        if nxt < end and wr.want and not self.pool.under_pressure():
+            new = self.pool.try_alloc_upto(min(wr.want, end - nxt))
+            if new is not None:
+                wr.rx_sg = new
+                wr.rx_base = nxt
+                wr.rx_len = new.length
+                wr.rx_have = 0
+                wr.r2t_next = max(wr.r2t_next, nxt)
+                wr.r2t_end = nxt + new.length
+                self._issue_r2ts(cmd, wr)
+        return sg
 
     def request_data(self, cmd: Command, offset: int, length: int) -> ScatterList | None:
         """Data-Out bytes from ``offset``, at most ``length`` of them, for the LU.
@@ -894,9 +920,9 @@ class Connection:
             wr.rx_have = 0
             wr.r2t_next = max(wr.r2t_next, offset)
             wr.r2t_end = offset + sg.length
+        wr.want = length
         if wr.rx_have >= wr.rx_len:
-            wr.rx_sg = None
-            return sg
+            return self._hand_over(cmd, wr)
         wr.rx_waiting = True
         self._issue_r2ts(cmd, wr)
         return None

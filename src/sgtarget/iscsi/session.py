@@ -73,9 +73,12 @@ class WriteState:
         "unsol_datasn",
         "unsol_expected",
         "unsol_received",
+        "want",
     )
 
     def __init__(self) -> None:
+        #: The LU's last window request: the size the next window is prefetched at.
+        self.want = 0
         # One receive window [rx_base, rx_base + rx_len) at a time.
         self.rx_sg: ScatterList | None = None
         self.rx_base = 0

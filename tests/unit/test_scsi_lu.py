@@ -945,3 +945,21 @@ def test_read_and_write_stream_through_short_windows_under_pressure(
     assert bytes(ch.data_in) == data
     assert [n for _off, n, _last in ch.sends] == [3 * BS] * 5 + [BS]
     assert [last for *_, last in ch.sends] == [False] * 5 + [True]
+
+
+def test_verify_compares_in_short_windows_and_reports_the_exact_offset(
+    ready: ScsiTarget, pool: Pool, store: MemBackstore
+) -> None:
+    data = pattern(16 * BS, seed=9)
+    store.data[0 : 16 * BS] = data
+
+    def squeeze(ch: FakeChannel) -> None:
+        ch.partial_limit = 3 * BS
+
+    task, _ = run(ready, pool, rw10(0x2F, 0, 16, 0x02), data_out=data, setup=squeeze)
+    good(task)
+    bad = bytearray(data)
+    bad[11 * BS + 7] ^= 0xFF
+    task, _ = run(ready, pool, rw10(0x2F, 0, 16, 0x02), data_out=bytes(bad), setup=squeeze)
+    assert sense_of(task) == (0x0E, 0x1D, 0x00)
+    assert int.from_bytes(task.sense[3:7], "big") == 11 * BS + 7

@@ -763,27 +763,35 @@ class LogicalUnit:
         base = blk.lba * bs
         off = 0
         while off < total:
-            n = min(IO_WINDOW, total - off)
-            sent = await self._receive(cmd, off, n)
+            # Both sides in whatever windows the pool allows: a short pool slows the compare
+            # down instead of failing it.
+            sent = await self._receive(cmd, off, min(IO_WINDOW, total - off), partial=True)
             if sent is None:
                 return
-            medium: ScatterList | None = None
+            n = sent.length
             try:
-                medium = await cmd.channel.alloc(n)
-                if cmd.aborted():
-                    return
-                await self._read_into(medium, base + off, n, cmd.channel)
-                if cmd.aborted():
-                    return
-                at = _first_difference(sent.to_bytes(0, n), medium.to_bytes(0, n))
-                if at is not None:
-                    raise CheckCondition.of(
-                        SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, information=off + at
-                    )
+                pos = 0
+                while pos < n:
+                    medium = await cmd.channel.alloc(n - pos, partial=True)
+                    try:
+                        if cmd.aborted():
+                            return
+                        m = medium.length
+                        await self._read_into(medium, base + off + pos, m, cmd.channel)
+                        if cmd.aborted():
+                            return
+                        at = _first_difference(sent.to_bytes(pos, m), medium.to_bytes(0, m))
+                    finally:
+                        medium.release()
+                    if at is not None:
+                        raise CheckCondition.of(
+                            SenseKey.MISCOMPARE,
+                            Asc.MISCOMPARE_DURING_VERIFY,
+                            information=off + pos + at,
+                        )
+                    pos += m
             finally:
                 sent.release()
-                if medium is not None:
-                    medium.release()
             off += n
 
     async def _verify_same(self, cmd: Cmd, blk: BlockCdb) -> None:

@@ -235,13 +235,21 @@ class SgTarget:
             self._logdir.cleanup()
 
 
+def _free_control_port() -> int:
+    # -C only names tgtd's management socket /var/run/tgtd/socket.N (N <= 32767); pick an unused N.
+    for _ in range(1000):
+        n = 1024 + free_port() % 31000
+        if not Path(f"/var/run/tgtd/socket.{n}").exists():
+            return n
+    raise BenchError("no free tgtd control port")
+
+
 class TgtTarget:
     """A private tgtd (foreground, own iSCSI and control port) with the file as LUN 1."""
 
     def __init__(self, path: Path, *, bstype: str | None = None) -> None:
         self.port = free_port()
-        # -C only names tgtd's management socket (/var/run/tgtd/socket.N); reuse the port.
-        self.control = self.port
+        self.control = _free_control_port()
         self.path = path
         self.bstype = bstype
         self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"

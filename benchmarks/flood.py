@@ -212,7 +212,11 @@ def main() -> int:
         ]
         stat_rows: list[list[object]] = [[k, f"{sg.stats.get(k):,}"] for k in keys]
         stat_rows += [[f"copies {k}", f"{v:,}"] for k, v in sorted(sg.stats.copies.items())]
-        print_table(["sgtarget counter", "value"], stat_rows, title="sgtarget stats line")
+        print_table(
+            ["sgtarget counter", "value"],
+            stat_rows,
+            title="sgtarget stats line (flood and verification reads together)",
+        )
     for r in results:
         for f in r.failures:
             print(f"\nFAILURE {f}", file=sys.stderr)

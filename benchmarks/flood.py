@@ -207,8 +207,8 @@ def main() -> int:
             "peak_blocks_in_use",
             "allocations",
             "copied_bytes",
-            "zero_copy_commands",
-            "bounced_commands",
+            "zero_copy_ios",
+            "bounced_ios",
         ]
         stat_rows: list[list[object]] = [[k, f"{sg.stats.get(k):,}"] for k in keys]
         stat_rows += [[f"copies {k}", f"{v:,}"] for k, v in sorted(sg.stats.copies.items())]

@@ -809,8 +809,8 @@ def test_file_direct_through_lu_aligned_reads_copy_nothing(direct_dir: Path, poo
         assert task.status == Status.GOOD, task.sense.hex()
         assert bytes(ch.data_in) == data
         assert pool.stats.copied_bytes == before
-        assert pool.stats.zero_copy_commands == 2
-        assert pool.stats.bounced_commands == 0
+        assert pool.stats.zero_copy_ios == 2
+        assert pool.stats.bounced_ios == 0
     finally:
         b.close()
 
@@ -840,7 +840,7 @@ def test_file_direct_through_lu_unaligned_bounces(
         assert task.status == Status.GOOD, task.sense.hex()
         assert bytes(ch.data_in) == data
         windows = -(-len(data) // (1024 * 1024))
-        assert pool.stats.bounced_commands == 2 * windows
+        assert pool.stats.bounced_ios == 2 * windows
         assert pool.stats.copies[("bounce-unaligned", "in")] == len(data)
         assert pool.stats.copies[("bounce-unaligned", "out")] == len(data)
     finally:

@@ -211,7 +211,7 @@ def _bounced_read_and_write_match_the_model(
     # Read: exactly the bytes a plain read gives.
     allocs = Allocs(pool)
     before = dict(stats.copies)
-    bounced = stats.bounced_commands
+    bounced = stats.bounced_ios
     asyncio.run(
         read_bounced(
             cons.read, views, offset, limits=lim, alloc=allocs, stats=stats, reason=reason or "x"
@@ -220,7 +220,7 @@ def _bounced_read_and_write_match_the_model(
     assert b"".join(views) == cons.data[offset : offset + n]
     assert allocs.asked == [end - start]
     assert stats.blocks_in_use == in_use
-    assert stats.bounced_commands == bounced + 1
+    assert stats.bounced_ios == bounced + 1
     assert stats.copies[(reason or "x", "out")] == before.get((reason or "x", "out"), 0) + n
     assert all(op == "read" for op, *_ in cons.calls)
 
@@ -280,7 +280,7 @@ def _read_into_and_write_from_pick_zero_copy_or_bounce(
     offset = data.draw(st.integers(0, DISK - n), label="offset")
     cons = Consumer(lim)
     stats = pool.stats
-    zc, bc = stats.zero_copy_commands, stats.bounced_commands
+    zc, bc = stats.zero_copy_ios, stats.bounced_ios
     copied = stats.copied_bytes
     fit = fits(sg.views(0, n), offset, lim)
     payload = sg.to_bytes(0, n)
@@ -298,9 +298,7 @@ def _read_into_and_write_from_pick_zero_copy_or_bounce(
     assert cons.data == expect
     assert sg.to_bytes(0, n) == payload
     # Each backstore I/O is counted exactly once.
-    assert (stats.zero_copy_commands - zc, stats.bounced_commands - bc) == (
-        (2, 0) if fit else (0, 2)
-    )
+    assert (stats.zero_copy_ios - zc, stats.bounced_ios - bc) == ((2, 0) if fit else (0, 2))
     assert stats.copied_bytes - copied == (0 if fit else 2 * n)
     sg.release()
     assert stats.blocks_in_use == 0
@@ -322,7 +320,7 @@ def test_five_segments_to_a_two_segment_consumer_bounce(pool: Pool) -> None:
     payload = sg.to_bytes()
     asyncio.run(write_from(cons.write, sg, 5 * PAGE, PAGE, read=cons.read, limits=lim, order=None))
     assert cons.data[PAGE : 6 * PAGE] == payload
-    assert pool.stats.bounced_commands == 1
+    assert pool.stats.bounced_ios == 1
     assert pool.stats.copies[(REASON_SEGMENTS, "in")] == 5 * PAGE
     assert all(c[3] <= 2 for c in cons.calls)
     sg.release()
@@ -486,7 +484,7 @@ def test_lu_bounces_unaligned_commands(lba: int, nblocks: int) -> None:
     assert task.status == Status.GOOD, task.sense.hex()
     assert bytes(ch.data_in) == data
     aligned = lba % 8 == 0 and nblocks % 8 == 0
-    assert pool.stats.bounced_commands == (0 if aligned else 2)
-    assert pool.stats.zero_copy_commands == (2 if aligned else 0)
+    assert pool.stats.bounced_ios == (0 if aligned else 2)
+    assert pool.stats.zero_copy_ios == (2 if aligned else 0)
     assert pool.stats.blocks_in_use == 0
     pool.close()

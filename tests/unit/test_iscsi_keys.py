@@ -365,7 +365,7 @@ def test_session_type_after_other_keys_still_makes_them_irrelevant() -> None:
 NUMERIC = [
     # (key, offer, target limits, answer)
     ("MaxBurstLength", "65536", {}, "65536"),
-    ("MaxBurstLength", "16777215", {}, "1048576"),
+    ("MaxBurstLength", "16777215", {}, "8388608"),
     ("MaxBurstLength", "0x100000", {"max_burst_length": 524288}, "524288"),
     ("FirstBurstLength", "512", {}, "512"),
     ("FirstBurstLength", "1048576", {}, "262144"),

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="ping idle initiators with NOP-In this often (0 disables)",
     )
+    serve.add_argument(
+        "--queue-depth",
+        type=int,
+        default=128,
+        metavar="N",
+        help="commands each session may have in flight (default 128)",
+    )
     serve.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -114,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             "sgtarget: error: --nop-interval must be 0 (off) or a positive number of seconds",
             file=sys.stderr,
         )
+        return 2
+    if not 1 <= args.queue_depth <= 65536:
+        print("sgtarget: error: --queue-depth must be between 1 and 65536", file=sys.stderr)
         return 2
     if args.pool < DEFAULT_BLOCK_SIZE:
         print(
@@ -150,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         backstores=backstores,
         pool_size=args.pool,
         nop_interval=args.nop_interval or None,
+        queue_depth=args.queue_depth,
     )
     return run(config, banner=banner)
 

@@ -17,7 +17,7 @@ SET FULL).
   writes off those blocks meanwhile, or their bytes would be lost.
 
 Every copied byte is counted (``bounce-unaligned`` / ``bounce-segments``, ``in`` / ``out``), and
-every backstore I/O is counted once: ``zero_copy_commands`` or ``bounced_commands``.
+every backstore I/O is counted once: ``zero_copy_ios`` or ``bounced_ios``.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ async def read_bounced(
     finally:
         bounce.release()
     stats.add_copy(reason, OUT, copied)
-    stats.bounced_commands += 1
+    stats.bounced_ios += 1
 
 
 async def write_bounced(
@@ -274,7 +274,7 @@ async def write_bounced(
         if order is not None and span is not None:
             order.leave(span)
     stats.add_copy(reason, IN, copied)
-    stats.bounced_commands += 1
+    stats.bounced_ios += 1
 
 
 class _Span:
@@ -370,7 +370,7 @@ async def read_into(
     reason = misfit(views, offset, limits)
     if reason is None:
         await read(offset, views)
-        stats.zero_copy_commands += 1
+        stats.zero_copy_ios += 1
         return
     assert limits is not None
     await read_bounced(
@@ -412,7 +412,7 @@ async def write_from(
                 await write(offset, views)
             finally:
                 order.leave(span)
-        stats.zero_copy_commands += 1
+        stats.zero_copy_ios += 1
         return
     assert limits is not None
     if limits.alignment == 1:

@@ -23,9 +23,10 @@ class DataPathStats:
     reclaimed_blocks: int = 0
     #: (reason, direction) -> bytes copied in user space.
     copies: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: Commands whose payload moved without a user-space copy, and those that bounced.
-    zero_copy_commands: int = 0
-    bounced_commands: int = 0
+    #: Backstore I/Os (one per window of a command) whose payload moved without a user-space
+    #: copy, and those that went through a bounce buffer.
+    zero_copy_ios: int = 0
+    bounced_ios: int = 0
     #: Allocations that had to wait for blocks (R2T pacing, read windows).
     alloc_waits: int = 0
     #: Times a session advertised a smaller command window because the pool was short.
@@ -52,8 +53,8 @@ class DataPathStats:
                 "blocks_in_use",
                 "peak_blocks_in_use",
                 "reclaimed_blocks",
-                "zero_copy_commands",
-                "bounced_commands",
+                "zero_copy_ios",
+                "bounced_ios",
                 "alloc_waits",
                 "window_shrinks",
                 "task_set_full",

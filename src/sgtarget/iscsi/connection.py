@@ -154,12 +154,15 @@ class Connection:
         portal_tpgt: int = 1,
         nop_interval: float | None = 30.0,
         nop_timeout: float = 15.0,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ) -> None:
         self.pool = pool
         self.targets = targets
         self.sessions = sessions
         self.limits = limits or TargetLimits()
         self.tpgt = portal_tpgt
+        #: Commands a session may have in flight (its CmdSN window).
+        self.queue_depth = queue_depth
         self.state = ConnState.LOGIN
         self.session: Session | None = None
         self.params: OperationalParams | None = None
@@ -676,8 +679,9 @@ class Connection:
             nexus=Nexus(neg.initiator_name, nexus_key),
             exp_cmdsn=hdr.cmdsn,
             pool=self.pool,
+            queue_depth=self.queue_depth,
             # What the Login Response below advertises.
-            advertised=(hdr.cmdsn + DEFAULT_QUEUE_DEPTH - 1) & 0xFFFFFFFF,
+            advertised=(hdr.cmdsn + self.queue_depth - 1) & 0xFFFFFFFF,
         )
         self.sessions.add(session)
         self.session = session
@@ -721,7 +725,7 @@ class Connection:
             itt=hdr.itt,
             statsn=self.statsn,
             exp_cmdsn=exp,
-            max_cmdsn=(exp + DEFAULT_QUEUE_DEPTH - 1) & 0xFFFFFFFF,
+            max_cmdsn=(exp + self.queue_depth - 1) & 0xFFFFFFFF,
             status_class=status_class,
             status_detail=status_detail,
             data_len=len(data),

@@ -263,7 +263,8 @@ class TargetLimits:
     """
 
     max_recv_data_segment_length: int = 262144
-    max_burst_length: int = 1048576
+    # Large bursts cost nothing here: R2Ts never ask for more than the pool window at hand.
+    max_burst_length: int = 8 * 1024 * 1024
     first_burst_length: int = 262144
     immediate_data: bool = True
     initial_r2t: bool = False

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -46,30 +47,41 @@ MEMORY_WAIT = 5.0
 
 
 class MemoryGate:
-    """Allocations waiting for pool blocks. Every free wakes them all, in arrival order.
+    """Allocations waiting for pool blocks, woken in arrival order as blocks are freed.
 
     Waiting is backpressure step (a): a READ window or an R2T burst simply starts later. Only a
     command that waits longer than ``MEMORY_WAIT`` gets TASK SET FULL. Nobody waits while
     holding blocks (windows are released before the next is asked for), so waiting cannot
-    deadlock.
+    deadlock. A free wakes only the waiters the free blocks can satisfy, first come first
+    served, so a crowd of waiters does not all retry (and fail) on every freed block.
     """
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         pool.on_free = self._wake
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        budget = self.pool.usable_blocks()
+        waiters = self._waiters
+        while waiters:
+            need, fut = waiters[0]
+            if fut.done():
+                waiters.popleft()
+                continue
+            if need > budget:
+                break
+            waiters.popleft()
+            budget -= need
+            fut.set_result(None)
 
-    async def wait(self, register: Callable[[asyncio.Future[None]], None] | None = None) -> None:
-        """Until some blocks are freed; raises PoolExhausted after ``MEMORY_WAIT`` seconds."""
+    async def wait(
+        self, need_blocks: int, register: Callable[[asyncio.Future[None]], None] | None = None
+    ) -> None:
+        """Until ``need_blocks`` could be had; raises PoolExhausted after ``MEMORY_WAIT``."""
         pool = self.pool
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.append((need_blocks, fut))
         if register is not None:
             register(fut)
         pool.waiting += 1
@@ -104,9 +116,10 @@ class IscsiChannel:
             raise PoolExhausted(nbytes)  # could never fit: waiting would not help
         else:
             take = pool.try_alloc
+        need = 1 if partial else pool.blocks_for(nbytes)
         while (sg := take(nbytes)) is None:
             try:
-                await proto.server.memory.wait(self._register)
+                await proto.server.memory.wait(need, self._register)
             finally:
                 proto.rx_waiters.pop(self.cmd.itt, None)
         return sg
@@ -123,7 +136,7 @@ class IscsiChannel:
                 raise
             except PoolExhausted:
                 try:
-                    await proto.server.memory.wait(self._register)
+                    await proto.server.memory.wait(1, self._register)
                 finally:
                     proto.rx_waiters.pop(self.cmd.itt, None)
         proto.flush()
@@ -154,6 +167,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             sessions=server.sessions,
             limits=server.limits,
             nop_interval=server.nop_interval,
+            queue_depth=server.config.queue_depth,
         )
         self.transport: asyncio.Transport | None = None
         self._writer: ZeroCopyWriter | None = None

@@ -16,6 +16,7 @@ from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import TmfRequest
 from sgtarget.iscsi.keys import TargetLimits
 from sgtarget.iscsi.session import (
+    DEFAULT_QUEUE_DEPTH,
     Command,
     Session,
     SessionTable,
@@ -44,6 +45,8 @@ class TargetConfig:
     pool_size: int = DEFAULT_POOL_SIZE
     io_threads: int = 8
     nop_interval: float | None = 30.0
+    #: Commands each session may have in flight (advertised through MaxCmdSN).
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
 
 
 def format_portal(host: str, port: int) -> str:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from benchmarks.common import MiB, print_table, rss_bytes
 from sgtarget.datapath import DEFAULT_POOL_SIZE, Pool
 from sgtarget.iscsi import pdu
-from sgtarget.iscsi import session as session_mod
 from sgtarget.iscsi.connection import CommandReady, Connection, Event, LoginComplete
 from sgtarget.iscsi.keys import TargetLimits, encode_text, parse_text
 from sgtarget.iscsi.session import SessionTable, TargetDirectory, TargetInfo
@@ -111,31 +110,30 @@ def measure(sc: Scenario, *, trace: bool) -> dict[str, int | str]:
     pool = Pool(DEFAULT_POOL_SIZE)
     targets = TargetDirectory([TargetInfo(TARGET, portals=("127.0.0.1:3260",))])
     table = SessionTable()
-    # The server's own limits cap MaxBurstLength at 1 MiB; the scenarios negotiate 8 MiB.
     limits = TargetLimits(max_burst_length=BURST)
     conns = []
-    note = ""
-    for i in range(sc.sessions):
-        conn = Connection(
-            pool=pool, targets=targets, sessions=table, limits=limits, nop_interval=None
-        )
-        login(conn, bytes([0x80, 0, 0, 0, i >> 8, i & 0xFF]))
-        assert conn.session is not None
-        if conn.session.queue_depth != sc.window:
-            # No login/config knob for the window yet: widen it on the session object.
-            conn.session.queue_depth = sc.window
-            note = (
-                f"queue_depth set on the Session after login "
-                f"(default {session_mod.DEFAULT_QUEUE_DEPTH})"
-            )
-        conns.append(conn)
+    note = "sessions, their preallocated command slots and every in-flight command counted"
     held: list[Event] = []
     gc.collect()
     blocks0 = pool.stats.blocks_in_use
+    # Measured from before the logins: the preallocated slots are command state too.
     if trace:
         tracemalloc.start()
     base_traced = tracemalloc.get_traced_memory()[0] if trace else 0
     base_rss = rss_bytes()
+    for i in range(sc.sessions):
+        conn = Connection(
+            pool=pool,
+            targets=targets,
+            sessions=table,
+            limits=limits,
+            nop_interval=None,
+            queue_depth=sc.window,
+        )
+        login(conn, bytes([0x80, 0, 0, 0, i >> 8, i & 0xFF]))
+        assert conn.session is not None
+        assert conn.session.queue_depth == sc.window
+        conns.append(conn)
     for conn in conns:
         sess = conn.session
         assert sess is not None

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 LOGIN_MAX_DATA = 8192
 #: Largest text a Text/Login exchange may accumulate over continued PDUs.
 MAX_TEXT = 64 * 1024
+_SINK_SIZE = 64 * 1024
 SCSI_STATUS_GOOD = 0
 SCSI_STATUS_CHECK_CONDITION = 2
 SCSI_STATUS_TASK_SET_FULL = 0x28
@@ -197,7 +198,8 @@ class Connection:
         self._dest_cmd: Command | None = None
         self._data_views: list[memoryview] = []
         self._small = bytearray()
-        self._sink = bytearray(64 * 1024)
+        #: Where discarded data segments go; allocated the first time something is discarded.
+        self._sink: bytearray | None = None
         self._trailer = bytearray(8)
         self._trailer_need = 0
         self._trailer_have = 0
@@ -368,6 +370,8 @@ class Connection:
         self._phase = _RxPhase.DATA
 
     def _sink_views(self, n: int) -> list[memoryview]:
+        if self._sink is None:
+            self._sink = bytearray(_SINK_SIZE)
         sink = memoryview(self._sink)
         views = []
         while n > 0:
@@ -970,7 +974,7 @@ class Connection:
         if keep_below is not None and wr is not None and wr.rx_base + wr.rx_len <= keep_below:
             return
         remaining = sum(len(v) for v in self._dest[self._dest_idx :]) - self._dest_pos
-        self._dest = self._sink_views(remaining) if remaining else [memoryview(self._sink)[:0]]
+        self._dest = self._sink_views(remaining) if remaining else [memoryview(b"")]
         self._dest_idx = 0
         self._dest_pos = 0
         self._discard = True

@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import stat
+from collections.abc import Callable, Sequence
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
 from sgtarget.datapath.bounce import ConsumerLimits
@@ -169,32 +170,32 @@ class FileBackstore(Backstore):
         return total
 
     def readv(self, offset: int, bufs: Buffers) -> int:
-        total = self._extent(offset, bufs)
-        done = 0
-        while done < total:
-            try:
-                n = os.preadv(self._fd, _batch(bufs), offset + done)
-            except OSError as exc:
-                raise self._error("read", offset + done, total - done, exc) from exc
-            if n == 0:
-                raise BackstoreError(
-                    f"file: end of file at {offset + done} reading {self.path} "
-                    f"(expected {self.size} bytes; truncated by someone else?)"
-                )
-            done += n
-            if done < total:
-                bufs = _skip(bufs, n)
-        return total
+        return self._transfer("read", os.preadv, offset, bufs)
 
     def writev(self, offset: int, bufs: Buffers) -> int:
+        return self._transfer("write", os.pwritev, offset, bufs)
+
+    def _transfer(
+        self,
+        what: str,
+        call: Callable[[int, Sequence[memoryview], int], int],
+        offset: int,
+        bufs: Buffers,
+    ) -> int:
+        """``preadv``/``pwritev`` until every byte moved, slicing past short transfers."""
         total = self._extent(offset, bufs)
         done = 0
         while done < total:
             try:
-                n = os.pwritev(self._fd, _batch(bufs), offset + done)
+                n = call(self._fd, _batch(bufs), offset + done)
             except OSError as exc:
-                raise self._error("write", offset + done, total - done, exc) from exc
+                raise self._error(what, offset + done, total - done, exc) from exc
             if n == 0:
+                if what == "read":
+                    raise BackstoreError(
+                        f"file: end of file at {offset + done} reading {self.path} "
+                        f"(expected {self.size} bytes; truncated by someone else?)"
+                    )
                 raise BackstoreError(f"file: wrote nothing at {offset + done} to {self.path}")
             done += n
             if done < total:

@@ -177,7 +177,7 @@ def test_libiscsi_operational_first_login() -> None:
         ("InitialR2T", "No"),
         ("ImmediateData", "Yes"),
         ("MaxBurstLength", "262144"),
-        ("FirstBurstLength", "262144"),
+        ("FirstBurstLength", "65536"),  # the target keeps unsolicited bursts small
         ("DefaultTime2Wait", "2"),
         ("DefaultTime2Retain", "0"),
         ("MaxOutstandingR2T", "1"),
@@ -198,7 +198,7 @@ def test_libiscsi_operational_first_login() -> None:
         max_recv_data_segment_length=262144,
         max_xmit_data_segment_length=262144,
         max_burst_length=262144,
-        first_burst_length=262144,
+        first_burst_length=65536,
         initial_r2t=False,
         immediate_data=True,
         max_outstanding_r2t=1,
@@ -368,7 +368,7 @@ NUMERIC = [
     ("MaxBurstLength", "16777215", {}, "8388608"),
     ("MaxBurstLength", "0x100000", {"max_burst_length": 524288}, "524288"),
     ("FirstBurstLength", "512", {}, "512"),
-    ("FirstBurstLength", "1048576", {}, "262144"),
+    ("FirstBurstLength", "1048576", {}, "65536"),
     ("MaxConnections", "8", {}, "1"),
     ("MaxConnections", "8", {"max_connections": 4}, "4"),
     ("MaxConnections", "2", {"max_connections": 4}, "2"),
@@ -626,7 +626,7 @@ def test_first_burst_answer_clamped_to_max_burst() -> None:
 
 
 def test_first_burst_clamped_when_max_burst_comes_later() -> None:
-    neg = Negotiator(TargetLimits())
+    neg = Negotiator(TargetLimits(first_burst_length=262144))
     first = dict(
         neg.process([("InitiatorName", INAME), ("FirstBurstLength", "200000")], stage=OP,
                     leading=True)

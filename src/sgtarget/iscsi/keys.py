@@ -265,7 +265,9 @@ class TargetLimits:
     max_recv_data_segment_length: int = 262144
     # Large bursts cost nothing here: R2Ts never ask for more than the pool window at hand.
     max_burst_length: int = 8 * 1024 * 1024
-    first_burst_length: int = 262144
+    # Unsolicited data cannot wait for memory (it comes from the pool's reserve), so keep each
+    # command's share small; the rest is solicited with R2Ts as windows free up.
+    first_burst_length: int = 65536
     immediate_data: bool = True
     initial_r2t: bool = False
     max_outstanding_r2t: int = 16

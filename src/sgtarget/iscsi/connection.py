@@ -856,6 +856,17 @@ class Connection:
             wr.rx_waiting = False
             self._events.append(DataReady(cmd, self._hand_over(cmd, wr)))
 
+    def _solicit_cap(self) -> int:
+        """The most Data-Out one window should wait for: what its R2Ts can ask at once.
+
+        With MaxOutstandingR2T bursts in flight the initiator sends at most that much before
+        the next R2T; a bigger window would hold pool blocks idle for sequential round trips,
+        and smaller windows let more commands share the pool at the same time.
+        """
+        params = self.params
+        assert params is not None
+        return params.max_outstanding_r2t * params.max_burst_length
+
     def _hand_over(self, cmd: Command, wr: WriteState) -> ScatterList:
         """Give the filled window to the LU and, memory permitting, solicit the next one now.
 
@@ -872,7 +883,7 @@ class Connection:
         if cmd.transfer_length:
             end = min(end, cmd.transfer_length)
         if nxt < end and wr.want and not self.pool.under_pressure():
-            new = self.pool.try_alloc_upto(min(wr.want, end - nxt))
+            new = self.pool.try_alloc_upto(min(wr.want, end - nxt, self._solicit_cap()))
             if new is not None:
                 wr.rx_sg = new
                 wr.rx_base = nxt
@@ -918,7 +929,7 @@ class Connection:
                 self._detach_rx(cmd)
                 wr.rx_sg.release()
                 wr.rx_sg = None
-            new = self.pool.try_alloc_upto(length)
+            new = self.pool.try_alloc_upto(min(length, self._solicit_cap()))
             if new is None:
                 raise PoolExhausted(length)
             sg = new

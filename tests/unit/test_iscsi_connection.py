@@ -724,3 +724,30 @@ def test_next_window_is_solicited_while_the_lu_writes_the_current_one() -> None:
     assert peer.received() == []
     peer.conn.complete(cmd)
     assert peer.pool.stats.blocks_in_use == 0
+
+
+def test_under_pressure_a_window_is_only_what_its_r2ts_can_solicit_at_once() -> None:
+    pool = Pool(64 * 4096, 4096)
+    keys = [("InitialR2T", "Yes"), ("ImmediateData", "No"), ("MaxBurstLength", "8192"),
+            ("FirstBurstLength", "8192"), ("MaxOutstandingR2T", "1")]  # fmt: skip
+    peer = logged_in(keys, pool=pool)
+    itt = peer.scsi_command(b"\x2a" + bytes(9), edtl=65536, write=True)
+    (ready,) = peer.ready_commands()
+    hog = pool.alloc(50 * 4096)
+    assert pool.under_pressure()
+    assert peer.conn.request_data(ready.command, 0, 65536) is None
+    (r2t,) = peer.received()
+    assert (r2t.hdr.buffer_offset, r2t.hdr.w11) == (0, 8192)
+    assert pool.stats.blocks_in_use == 50 + 2
+    hog.release()
+    peer.data_out(itt, r2t.hdr.ttt, 0, bytes(8192), datasn=0)
+    (ev,) = [e for e in peer.take_events() if isinstance(e, DataReady)]
+    ev.sg.release()
+    # Memory to spare again: the prefetched next window is as large as the LU asked.
+    wr = ready.command.wr
+    assert wr is not None
+    assert (wr.rx_base, wr.rx_len) == (8192, 57344)
+    (r2t,) = peer.received()
+    assert (r2t.hdr.buffer_offset, r2t.hdr.w11) == (8192, 8192)
+    peer.conn.complete(ready.command)
+    assert pool.stats.blocks_in_use == 0

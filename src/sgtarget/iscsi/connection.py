@@ -857,14 +857,18 @@ class Connection:
             self._events.append(DataReady(cmd, self._hand_over(cmd, wr)))
 
     def _solicit_cap(self) -> int:
-        """The most Data-Out one window should wait for: what its R2Ts can ask at once.
+        """The most Data-Out one window should wait for.
 
-        With MaxOutstandingR2T bursts in flight the initiator sends at most that much before
-        the next R2T; a bigger window would hold pool blocks idle for sequential round trips,
-        and smaller windows let more commands share the pool at the same time.
+        While the pool is short: what its R2Ts can ask at once. With MaxOutstandingR2T bursts
+        in flight the initiator sends at most that much before the next R2T; a bigger window
+        would hold pool blocks idle across sequential round trips, and smaller windows let
+        more commands share the pool. With memory to spare, bigger windows win: fewer
+        backstore calls and thread hand-offs per command.
         """
         params = self.params
         assert params is not None
+        if not self.pool.under_pressure():
+            return 1 << 62
         return params.max_outstanding_r2t * params.max_burst_length
 
     def _hand_over(self, cmd: Command, wr: WriteState) -> ScatterList:

@@ -57,9 +57,9 @@ class TargetServer:
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
         self.pool = Pool(config.pool_size)
-        # An eighth of the pool (at least one block) is kept for unsolicited data, which
+        # A sixteenth of the pool (at least one block) is kept for unsolicited data, which
         # arrives whether or not there is room and cannot wait.
-        self.pool.reserve_blocks = max(1, self.pool.nblocks // 8)
+        self.pool.reserve_blocks = max(1, self.pool.nblocks // 16)
         self.memory = MemoryGate(self.pool)
         self.limits = TargetLimits()
         self.sessions = SessionTable()

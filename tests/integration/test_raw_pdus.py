@@ -319,3 +319,34 @@ def test_target_pings_idle_initiator(sgtarget: StartTarget) -> None:
             rsp = read_pdu(s.sock)
         assert (rsp.opcode, rsp.u32(16), rsp.data) == (OP_NOP_IN, 7, b"x")
     assert t.alive()
+
+
+def test_bad_data_sn_fails_the_command_and_keeps_the_connection(session: Session) -> None:
+    s = session
+    # A new I_T nexus first gets its POWER ON unit attention: collect it with TEST UNIT READY.
+    rest = bytes(8) + struct.pack(">IIII", 0x50, 0, s.cmdsn, s.exp_statsn)
+    s.sock.sendall(bhs(0x01, 0x80 | 0x01, rest=rest))
+    s.cmdsn += 1
+    tur = read_pdu(s.sock)
+    assert tur.opcode == 0x21, tur
+    s.exp_statsn = tur.u32(24) + 1
+    itt = 0x51
+    cdb = bytes([0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0]).ljust(16, b"\0")  # WRITE(10) LBA 8, 1 block
+    # F=1, W=1, SIMPLE; LUN 0; EDTL 512; CmdSN; ExpStatSN; CDB.
+    rest = bytes(8) + struct.pack(">IIII", itt, 512, s.cmdsn, s.exp_statsn) + cdb
+    s.sock.sendall(bhs(0x01, 0x80 | 0x20 | 0x01, rest=rest))
+    s.cmdsn += 1
+    r2t = read_pdu(s.sock)
+    assert r2t.opcode == 0x31, r2t  # InitialR2T defaults to Yes: the target solicits
+    ttt = r2t.u32(20)
+    # Data-Out with DataSN 5 where 0 is due.
+    rest = bytes(8) + struct.pack(">IIIIIII", itt, ttt, 0, s.exp_statsn, 0, 5, 0)
+    s.sock.sendall(bhs(0x05, FINAL, dsl=512, rest=rest) + bytes(512))
+    rsp = read_pdu(s.sock)
+    assert rsp.opcode == 0x21, rsp  # a SCSI Response, promptly: the command failed
+    assert rsp.header[3] == 0x02  # CHECK CONDITION
+    sense = rsp.data[2:]
+    assert sense[2] & 0x0F == 0x0B  # ABORTED COMMAND: the initiator retries
+    s.exp_statsn = rsp.u32(24) + 1
+    # The connection carries on.
+    assert ping(s, 0x52, b"still here").data == b"still here"

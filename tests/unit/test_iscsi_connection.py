@@ -16,6 +16,7 @@ from sgtarget.iscsi.connection import (
     DataFailed,
     DataReady,
     LoginComplete,
+    MemoryWanted,
     TmfRequest,
     UnsolicitedDropped,
 )
@@ -494,10 +495,44 @@ def test_write_edtl_shorter_than_immediate_request_truncates() -> None:
     assert peer.pool.stats.blocks_in_use == 0
 
 
+def blocked(peer: Peer) -> bool:
+    """A function, so mypy does not narrow ``reading_blocked`` across calls that change it."""
+    return peer.conn.reading_blocked
+
+
+def test_immediate_data_waits_for_memory_with_reading_paused() -> None:
+    peer = logged_in(WRITE_KEYS, pool=Pool(64 * 1024, 64 * 1024))
+    hog = peer.pool.alloc(64 * 1024)
+    payload = os.urandom(4096)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=4096, write=True, data=payload)
+    # The header was read, the data not: the adapter must stop reading until memory frees.
+    (wanted,) = peer.take_events()
+    assert isinstance(wanted, MemoryWanted)
+    assert wanted.blocks == 1
+    assert blocked(peer)
+    peer.send(peer.frame(*nop_out(0x54)))  # more bytes wait in the backlog meanwhile
+    assert peer.received() == []
+    hog.release()
+    peer.conn.retry_rx(give_up=False)
+    peer.send(b"")  # collect the events it queued
+    assert not blocked(peer)
+    (ready,) = peer.ready_commands()
+    sg = peer.conn.request_data(ready.command, 0, 4096)
+    assert sg is not None
+    assert sg.to_bytes() == payload  # nothing dropped
+    sg.release()
+    assert [p.opcode for p in peer.received()] == [pdu.Opcode.NOP_IN]  # backlog processed
+    assert peer.pool.stats.unsolicited_dropped == 0
+
+
 def test_immediate_data_without_pool_space_fails_typed() -> None:
     peer = logged_in(WRITE_KEYS, pool=Pool(64 * 1024, 64 * 1024))
     hog = peer.pool.alloc(64 * 1024)
     peer.scsi_command(b"\x2a" + bytes(9), edtl=4096, write=True, data=bytes(4096))
+    (wanted,) = peer.take_events()
+    assert isinstance(wanted, MemoryWanted)
+    peer.conn.retry_rx(give_up=True)  # the adapter waited long enough
+    peer.send(b"")  # collect the events it queued
     (ready,) = peer.ready_commands()
     with pytest.raises(PoolExhausted):
         peer.conn.request_data(ready.command, 0, 4096)
@@ -657,6 +692,8 @@ def test_unsolicited_data_uses_the_reserve_and_is_dropped_only_when_it_is_gone()
     (first,) = peer.ready_commands()
     assert first.command.wr is not None
     assert first.command.wr.rx_sg is not None  # held in the reserve
+    # The first command still waits for its unsolicited Data-Out on this connection, so
+    # pausing the read is no option: the second command's data is dropped at once.
     peer.scsi_command(b"\x2a" + bytes(9), edtl=8192, write=True, data=bytes(4096))
     (second,) = peer.ready_commands()
     assert pool.stats.unsolicited_dropped == 1
@@ -751,3 +788,22 @@ def test_under_pressure_a_window_is_only_what_its_r2ts_can_solicit_at_once() -> 
     assert (r2t.hdr.buffer_offset, r2t.hdr.w11) == (8192, 8192)
     peer.conn.complete(ready.command)
     assert pool.stats.blocks_in_use == 0
+
+
+def test_immediate_data_is_not_held_up_behind_this_connections_own_windows() -> None:
+    # Pausing the read would starve the R2T window the other write waits for: drop instead.
+    pool = Pool(4 * 4096, 4096)
+    keys = [("InitialR2T", "Yes"), ("ImmediateData", "Yes"), ("FirstBurstLength", "8192")]
+    peer = logged_in(keys, pool=pool)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=16384, write=True, data=bytes(4096))
+    (ready,) = peer.ready_commands()
+    sg = peer.conn.request_data(ready.command, 0, 16384)
+    assert sg is not None
+    assert sg.length == 4096  # the immediate data
+    sg.release()
+    assert peer.conn.request_data(ready.command, 4096, 12288) is None  # a window waits
+    hog = pool.alloc(pool.free_blocks * 4096)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=8192, write=True, data=bytes(4096))
+    assert not blocked(peer)
+    assert pool.stats.unsolicited_dropped == 1
+    hog.release()

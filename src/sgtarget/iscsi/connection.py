@@ -82,6 +82,14 @@ class DataReady:
 
 
 @dataclass(slots=True)
+class MemoryWanted:
+    """Immediate data found the pool full: pause reading, wait for ``blocks`` to be freed
+    (bounded), then call ``retry_rx``."""
+
+    blocks: int
+
+
+@dataclass(slots=True)
 class DataFailed:
     """The Data-Out a ``request_data`` call waited for will not come (see ``_fail_data``)."""
 
@@ -116,6 +124,7 @@ Event = (
     | CommandReady
     | DataReady
     | DataFailed
+    | MemoryWanted
     | TmfRequest
     | CloseConnection
     | SessionReinstated
@@ -207,6 +216,10 @@ class Connection:
         self._discard_reason: RejectReason | None = None
         # Commands waiting for an earlier CmdSN: cmdsn -> (header, payload)
         self._deferred: dict[int, tuple[Header, _ImmediateData | bytes]] = {}
+        # A SCSI Command whose immediate data waits for pool memory (reading is paused).
+        self._rx_blocked: Header | None = None
+        self._give_up_memory = False
+        self._backlog = b""
         # Immediate data of the SCSI Command being received, and its unsolicited total.
         self._pending_rx: _ImmediateData = (None, 0)
         self._rx_landed = 0
@@ -243,14 +256,59 @@ class Connection:
             self._reject_and_close(exc.reason, self._hdr)
 
     def receive_data(self, data: bytes) -> None:
-        """Convenience for tests and non-buffered transports: copies ``data`` in."""
-        view = memoryview(data)
-        while view and self.state is not ConnState.CLOSED:
+        """Convenience for tests and non-buffered transports: copies ``data`` in.
+
+        Bytes that arrive while reading is blocked wait in a backlog until ``retry_rx``.
+        """
+        self._backlog += data
+        view = memoryview(self._backlog)
+        while view and self.state is not ConnState.CLOSED and self._rx_blocked is None:
             buf = self.get_buffer()
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
             view = view[n:]
             self.buffer_updated(n)
+        self._backlog = bytes(view) if self._rx_blocked is not None else b""
+
+    def _windows_filling(self) -> bool:
+        """Whether a command of this connection holds blocks waiting for more Data-Out.
+
+        Pausing the read would then keep those blocks from ever filling (and freeing): the
+        immediate data is dropped at once instead (TASK SET FULL).
+        """
+        session = self.session
+        if session is None:
+            return False
+        for cmd in session.commands.values():
+            wr = cmd.wr
+            if wr is not None and wr.rx_sg is not None and wr.rx_have < wr.rx_len:
+                return True
+        return False
+
+    @property
+    def reading_blocked(self) -> bool:
+        """True while the adapter must not read: immediate data waits for pool memory."""
+        return self._rx_blocked is not None
+
+    def retry_rx(self, *, give_up: bool) -> None:
+        """Memory may have been freed (or the adapter waited long enough: ``give_up``).
+
+        Routes the blocked PDU's immediate data again: into pool blocks if it now fits,
+        else (``give_up``) to the sink, its command then ending with TASK SET FULL.
+        """
+        hdr = self._rx_blocked
+        if hdr is None:
+            return
+        self._rx_blocked = None
+        self._give_up_memory = give_up
+        try:
+            self._route_immediate(hdr)
+        except PduFormatError as exc:
+            self._reject_and_close(exc.reason, hdr)
+        finally:
+            self._give_up_memory = False
+        if self._backlog and self._rx_blocked is None:
+            self.receive_data(b"")
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -452,8 +510,14 @@ class Connection:
         )
         sg = self.pool.try_alloc(unsol, reserve=True)
         if sg is None:
+            if not self._give_up_memory and not self._windows_filling():
+                # Not even the reserve has room: stop reading this connection (TCP pushes
+                # back on the initiator) until blocks are freed; see ``retry_rx``.
+                self._rx_blocked = hdr
+                self._events.append(MemoryWanted(self.pool.blocks_for(unsol)))
+                return
             self.pool.stats.unsolicited_dropped += 1
-            # Nothing can hold the data: drop it and answer TASK SET FULL later (no loss:
+            # Waited long enough: drop the data and answer TASK SET FULL later (no loss:
             # nothing was acknowledged, the initiator retries).
             self._pending_rx = (None, unsol)
             self._begin_data(hdr, [])

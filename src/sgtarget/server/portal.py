@@ -28,6 +28,7 @@ from sgtarget.iscsi.connection import (
     DataFailed,
     DataReady,
     LoginComplete,
+    MemoryWanted,
     SessionReinstated,
     TmfRequest,
     UnsolicitedDropped,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: How long a command waits for pool blocks before it gives up with TASK SET FULL.
 MEMORY_WAIT = 5.0
+#: How long a connection stops reading while immediate data waits for pool blocks.
+UNSOLICITED_WAIT = 0.5
 
 
 class MemoryGate:
@@ -76,9 +79,14 @@ class MemoryGate:
             fut.set_result(None)
 
     async def wait(
-        self, need_blocks: int, register: Callable[[asyncio.Future[None]], None] | None = None
+        self,
+        need_blocks: int,
+        register: Callable[[asyncio.Future[None]], None] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> None:
-        """Until ``need_blocks`` could be had; raises PoolExhausted after ``MEMORY_WAIT``."""
+        """Until ``need_blocks`` could be had; raises PoolExhausted after ``timeout``
+        (default ``MEMORY_WAIT``) seconds."""
         pool = self.pool
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((need_blocks, fut))
@@ -87,7 +95,7 @@ class MemoryGate:
         pool.waiting += 1
         pool.stats.alloc_waits += 1
         try:
-            await asyncio.wait_for(fut, MEMORY_WAIT)
+            await asyncio.wait_for(fut, MEMORY_WAIT if timeout is None else timeout)
         except TimeoutError:
             raise PoolExhausted("no pool blocks freed in time") from None
         finally:
@@ -260,6 +268,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                     fut.set_result(ev.sg)
                 else:
                     ev.sg.release()
+            elif isinstance(ev, MemoryWanted):
+                self._track(self.loop.create_task(self._wait_for_memory(ev.blocks)))
             elif isinstance(ev, DataFailed):
                 fut = self.rx_waiters.get(ev.command.itt)
                 if fut is not None and not fut.done():
@@ -282,6 +292,24 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 self.close()
         self.flush()
 
+    async def _wait_for_memory(self, blocks: int) -> None:
+        """Immediate data waits for room with reading paused; TASK SET FULL after a while."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.pause_reading()
+        try:
+            await self.server.memory.wait(blocks, timeout=UNSOLICITED_WAIT)
+            give_up = False
+        except PoolExhausted:
+            give_up = True
+        if self._closing:
+            return
+        self.conn.retry_rx(give_up=give_up)
+        if not self.conn.reading_blocked:
+            transport.resume_reading()
+        self._pump()
+
     def _track(self, task: asyncio.Task[None]) -> None:
         self.server.background.add(task)
         task.add_done_callback(self.server.background.discard)
@@ -300,8 +328,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 raise RuntimeError(f"session has no SCSI target: {self.conn.session}")
             await scsi.execute(cmd.task, IscsiChannel(self, cmd))
         except asyncio.CancelledError:
-            # Only the data wait was cancelled (abort or connection loss), not this task.
-            cmd.task.aborted = True
+            # A data or memory wait was cancelled, not this task: by an abort or a lost
+            # connection (which marked the command aborted: no status), or by a failed data
+            # phase (``complete`` answers CHECK CONDITION from ``data_error``).
+            pass
         except Exception:
             log.exception("command %#x failed unexpectedly", cmd.itt)
             cmd.task.status = 0x02

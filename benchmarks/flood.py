@@ -131,7 +131,12 @@ def main() -> int:
     ap.add_argument("--pool", default="64M", help="sgtarget --pool (64M)")
     ap.add_argument("--dir", default="/var/tmp", help="where the sparse LUN files go")
     ap.add_argument("--no-tgt", action="store_true", help="skip the tgt comparison")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="alternate sgtarget/tgt this many times (2)"
+    )
     args = ap.parse_args()
+    if not 1 <= args.rounds <= 5:
+        ap.error("--rounds must be 1..5")
     if args.size % REQUEST or args.size <= 0 or not 1 <= args.regions <= 64:
         ap.error("--size must be a positive multiple of 8M and --regions 1..64")
     args.count = args.count or args.size // REQUEST
@@ -148,19 +153,25 @@ def main() -> int:
         flush=True,
     )
     results: list[Result] = []
+    # A/B/A/B on a shared 2-core machine: one round's ratio swings by +-15 %, so the wall-time
+    # goal compares the best round of each (as the project's speed benchmarks do) and every
+    # round's own ratio is printed too.
     try:
-        results.append(run_sgtarget(args, lun_size))
-        if not args.no_tgt:
-            results.append(run_tgt(args, lun_size))
+        for _ in range(args.rounds):
+            results.append(run_sgtarget(args, lun_size))
+            if not args.no_tgt:
+                results.append(run_tgt(args, lun_size))
     except BenchError as exc:
         print(f"benchmark error: {exc}", file=sys.stderr)
         return 1
-    tgt = next((r for r in results if r.name == "tgt"), None)
+    sgs = [r for r in results if r.name == "sgtarget"]
+    tgts = [r for r in results if r.name == "tgt"]
+    tgt = min(tgts, key=lambda r: r.wall) if tgts else None
     rows = []
-    for r in results:
+    for i, r in enumerate(results):
         rows.append(
             [
-                r.name,
+                f"{r.name} #{i // (1 if args.no_tgt else 2) + 1}",
                 mib(r.idle),
                 mib(r.peak),
                 mib(r.hwm),
@@ -175,29 +186,43 @@ def main() -> int:
         rows,
         title="Flood results",
     )
-    sg = results[0]
-    over = max(sg.peak, sg.hwm) - sg.idle
+    sg = min(sgs, key=lambda r: r.wall)
+    # Memory: the worst round counts.
+    over = max(max(r.peak, r.hwm) - r.idle for r in sgs)
     budget = pool + 64 * MiB
     goals = [
-        ["sgtarget peak - idle <= pool + 64 MiB", f"{mib(over)} vs {mib(budget)}", over <= budget]
+        [
+            "sgtarget peak - idle <= pool + 64 MiB (worst round)",
+            f"{mib(over)} vs {mib(budget)}",
+            over <= budget,
+        ]
     ]
     if tgt is not None and tgt.wall:
         ratio = sg.wall / tgt.wall
-        goals.append(["wall time sgtarget/tgt <= 1.0", f"{ratio:.2f}", ratio <= 1.0])
-    for r in results:
+        per_round = ", ".join(f"{a.wall / b.wall:.2f}" for a, b in zip(sgs, tgts, strict=False))
         goals.append(
             [
-                f"{r.name}: every region verified",
-                f"{r.verified}/{r.regions}",
-                r.verified == r.regions,
+                "wall time sgtarget/tgt <= 1.0 (best rounds)",
+                f"{ratio:.2f} (rounds: {per_round})",
+                ratio <= 1.0,
             ]
         )
+    for name in ("sgtarget", "tgt"):
+        runs = [r for r in results if r.name == name]
+        if runs:
+            goals.append(
+                [
+                    f"{name}: every region verified, every round",
+                    " ".join(f"{r.verified}/{r.regions}" for r in runs),
+                    all(r.verified == r.regions for r in runs),
+                ]
+            )
     print_table(
         ["goal", "measured", "result"],
         [[g, m, "PASS" if ok else "FAIL"] for g, m, ok in goals],
         title="Goals",
     )
-    if sg.stats is not None:
+    if sg.stats is not None:  # the best sgtarget round's counters
         keys = [
             "task_set_full",
             "alloc_waits",

@@ -13,11 +13,9 @@ import contextlib
 import logging
 import os
 import socket
-from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from sgtarget.datapath import Pool, PoolExhausted, ScatterList
+from sgtarget.datapath import PoolExhausted, ScatterList
 from sgtarget.datapath.stats import OUT
 from sgtarget.iscsi import pdu
 from sgtarget.iscsi.connection import (
@@ -35,71 +33,13 @@ from sgtarget.iscsi.connection import (
 )
 from sgtarget.iscsi.session import Command, Session
 from sgtarget.scsi.target import ScsiTarget
+from sgtarget.server.memory import UNSOLICITED_WAIT
 from sgtarget.server.sender import ZeroCopyWriter
 
 if TYPE_CHECKING:
     from sgtarget.server.target import TargetServer
 
 log = logging.getLogger(__name__)
-
-
-#: How long a command waits for pool blocks before it gives up with TASK SET FULL.
-MEMORY_WAIT = 5.0
-#: How long a connection stops reading while immediate data waits for pool blocks.
-UNSOLICITED_WAIT = 0.5
-
-
-class MemoryGate:
-    """Allocations waiting for pool blocks, woken in arrival order as blocks are freed.
-
-    Waiting is backpressure step (a): a READ window or an R2T burst simply starts later. Only a
-    command that waits longer than ``MEMORY_WAIT`` gets TASK SET FULL. Nobody waits while
-    holding blocks (windows are released before the next is asked for), so waiting cannot
-    deadlock. A free wakes only the waiters the free blocks can satisfy, first come first
-    served, so a crowd of waiters does not all retry (and fail) on every freed block.
-    """
-
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-        pool.on_free = self._wake
-
-    def _wake(self) -> None:
-        budget = self.pool.usable_blocks()
-        waiters = self._waiters
-        while waiters:
-            need, fut = waiters[0]
-            if fut.done():
-                waiters.popleft()
-                continue
-            if need > budget:
-                break
-            waiters.popleft()
-            budget -= need
-            fut.set_result(None)
-
-    async def wait(
-        self,
-        need_blocks: int,
-        register: Callable[[asyncio.Future[None]], None] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        """Until ``need_blocks`` could be had; raises PoolExhausted after ``timeout``
-        (default ``MEMORY_WAIT``) seconds."""
-        pool = self.pool
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((need_blocks, fut))
-        if register is not None:
-            register(fut)
-        pool.waiting += 1
-        pool.stats.alloc_waits += 1
-        try:
-            await asyncio.wait_for(fut, MEMORY_WAIT if timeout is None else timeout)
-        except TimeoutError:
-            raise PoolExhausted("no pool blocks freed in time") from None
-        finally:
-            pool.waiting -= 1
 
 
 class IscsiChannel:

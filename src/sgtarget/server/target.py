@@ -26,7 +26,8 @@ from sgtarget.iscsi.session import (
 from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.lun import decode_lun
 from sgtarget.scsi.target import ScsiTarget
-from sgtarget.server.portal import IscsiProtocol, MemoryGate
+from sgtarget.server.memory import MemoryGate
+from sgtarget.server.portal import IscsiProtocol
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sgtarget.datapath import BytesLike, ScatterList
 
@@ -56,8 +56,9 @@ class ZeroCopyWriter:
     def pending(self) -> int:
         return self._queued
 
-    def send(self, bufs: list[BytesLike], release: list[ScatterList]) -> None:
-        """Send ``bufs`` in order; release ``release`` once all of them are on the wire."""
+    def send(self, buffers: Sequence[BytesLike], release: list[ScatterList]) -> None:
+        """Send ``buffers`` in order; release ``release`` once all of them are on the wire."""
+        bufs = list(buffers)
         if self.closed:
             for sg in release:
                 sg.release()

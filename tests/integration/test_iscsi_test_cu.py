@@ -31,8 +31,13 @@ SUITES = [
     "iSCSI.iSCSIcmdsn",
     "iSCSI.iSCSIResiduals",
     "iSCSI.iSCSITMF",
-    # Not required by the foundation issue, kept as a regression test of DataSN handling.
+    # Beyond the foundation issue's list: regression tests of what has been added since.
     "iSCSI.iSCSIdatasn",
+    "SCSI.Prefetch10",
+    "SCSI.Prefetch16",
+    "SCSI.ReadDefectData10",
+    "SCSI.ReadDefectData12",
+    "SCSI.ReportSupportedOpcodes",
 ]
 
 

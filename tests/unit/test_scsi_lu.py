@@ -963,3 +963,29 @@ def test_verify_compares_in_short_windows_and_reports_the_exact_offset(
     task, _ = run(ready, pool, rw10(0x2F, 0, 16, 0x02), data_out=bytes(bad), setup=squeeze)
     assert sense_of(task) == (0x0E, 0x1D, 0x00)
     assert int.from_bytes(task.sense[3:7], "big") == 11 * BS + 7
+
+
+def test_read_defect_data_is_an_empty_list_in_the_requested_format(
+    ready: ScsiTarget, pool: Pool
+) -> None:
+    task, ch = run(ready, pool, bytes([0x37, 0, 0x1D, 0, 0, 0, 0, 0, 32, 0]))
+    good(task)
+    assert bytes(ch.data_in) == bytes([0, 0x05, 0, 0])
+    task, ch = run(ready, pool, bytes([0xB7, 0x1C, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]))
+    good(task)
+    assert bytes(ch.data_in) == bytes([0, 0x04, 0, 0, 0, 0, 0, 0])
+
+
+def test_prefetch_checks_the_range_and_warms_the_backstore(
+    ready: ScsiTarget, pool: Pool, store: MemBackstore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmed: list[tuple[int, int]] = []
+    monkeypatch.setattr(store, "prefetch", lambda offset, length: warmed.append((offset, length)))
+    task, _ = run(ready, pool, bytes([0x34, 0, 0, 0, 0, 8, 0, 0, 4, 0]))
+    good(task)
+    assert warmed == [(8 * BS, 4 * BS)]
+    task, _ = run(ready, pool, bytes([0x34, 0, 0, 0, 0x80, 0, 0, 0, 1, 0]))
+    assert sense_of(task) == (0x05, 0x21, 0x00)
+    task, _ = run(ready, pool, bytes([0x90, 0, *(5).to_bytes(8, "big"), 0, 0, 0, 0, 0, 0]))
+    good(task)  # zero blocks: nothing to warm
+    assert warmed == [(8 * BS, 4 * BS)]

@@ -46,6 +46,9 @@ class Backstore(abc.ABC):
     def flush(self) -> None:  # noqa: B027 - RAM and null have nothing to flush
         """Make written data durable (SYNCHRONIZE CACHE, FUA)."""
 
+    def prefetch(self, offset: int, length: int) -> None:  # noqa: B027 - nothing to warm
+        """Hint that ``[offset, offset + length)`` will be read soon (PRE-FETCH)."""
+
     def close(self) -> None:  # noqa: B027
         """Release resources; flushes first where that matters."""
 

@@ -12,6 +12,7 @@ backstore states in ``limits``; the SCSI layer bounces the I/Os that do not fit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -174,6 +175,11 @@ class FileBackstore(Backstore):
 
     def writev(self, offset: int, bufs: Buffers) -> int:
         return self._transfer("write", os.pwritev, offset, bufs)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        # Readahead into the page cache; a hint, so a refusal is not an error.
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def _transfer(
         self,

@@ -18,12 +18,15 @@ class Opcode(enum.IntEnum):
     WRITE_10 = 0x2A
     WRITE_AND_VERIFY_10 = 0x2E
     VERIFY_10 = 0x2F
+    PRE_FETCH_10 = 0x34
     SYNCHRONIZE_CACHE_10 = 0x35
+    READ_DEFECT_DATA_10 = 0x37
     MODE_SENSE_10 = 0x5A
     READ_16 = 0x88
     WRITE_16 = 0x8A
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
+    PRE_FETCH_16 = 0x90
     SYNCHRONIZE_CACHE_16 = 0x91
     SERVICE_ACTION_IN_16 = 0x9E
     REPORT_LUNS = 0xA0
@@ -32,6 +35,7 @@ class Opcode(enum.IntEnum):
     WRITE_12 = 0xAA
     WRITE_AND_VERIFY_12 = 0xAE
     VERIFY_12 = 0xAF
+    READ_DEFECT_DATA_12 = 0xB7
 
 
 class ServiceActionIn16(enum.IntEnum):

@@ -598,6 +598,35 @@ class LogicalUnit:
         data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, 0, 0)
         await send_reply(cmd, data, u32(cmd.cdb, 10))
 
+    async def _cmd_prefetch(self, cmd: Cmd) -> None:
+        """PRE-FETCH(10/16): warm the backstore's cache and answer GOOD.
+
+        GOOD (not CONDITION MET) is what SBC-4 asks when the cache may not hold all the
+        blocks, which a page cache shared with everything else never promises.
+        """
+        blk = decode_block(cmd.cdb)
+        self._check_range(blk.lba, blk.length)
+        if blk.length:
+            bs = self.block_size
+            await self._run(self.backstore.prefetch, blk.lba * bs, blk.length * bs)
+
+    async def _cmd_read_defect_data(self, cmd: Cmd) -> None:
+        """READ DEFECT DATA(10/12): a virtual medium has no defects, so an empty list.
+
+        PLISTV/GLISTV stay 0 (no list of either kind is kept) and the requested format is
+        echoed, as SBC-4 allows for a device with no defect lists.
+        """
+        cdb = cmd.cdb
+        if cdb[0] == Opcode.READ_DEFECT_DATA_10:
+            fmt = cdb[2] & 0x07
+            data = bytes([0, fmt, 0, 0])
+            alloc = int.from_bytes(cdb[7:9], "big")
+        else:
+            fmt = cdb[1] & 0x07
+            data = bytes([0, fmt, 0, 0, 0, 0, 0, 0])
+            alloc = u32(cdb, 6)
+        await send_reply(cmd, data, alloc)
+
     async def _cmd_synchronize_cache(self, cmd: Cmd) -> None:
         blk = decode_block(cmd.cdb)
         # NUMBER OF LOGICAL BLOCKS 0 means "to the end of the medium".
@@ -907,6 +936,10 @@ COMMANDS = OpcodeTable(
                     timeout=30),
         CommandSpec(Opcode.VERIFY_10, None, "VERIFY(10)",
                     _usage(0x2F, 0x16, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_verify, timeout=30),
+        CommandSpec(Opcode.PRE_FETCH_10, None, "PRE-FETCH(10)",
+                    _usage(0x34, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_prefetch),
+        CommandSpec(Opcode.READ_DEFECT_DATA_10, None, "READ DEFECT DATA(10)",
+                    _usage(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_read_defect_data),
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE(10)",
                     _usage(0x35, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_synchronize_cache,
                     timeout=60),
@@ -921,6 +954,8 @@ COMMANDS = OpcodeTable(
                     timeout=30),
         CommandSpec(Opcode.VERIFY_16, None, "VERIFY(16)",
                     _usage(0x8F, 0x16, *_FF8, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
+        CommandSpec(Opcode.PRE_FETCH_16, None, "PRE-FETCH(16)",
+                    _usage(0x90, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_prefetch),
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE(16)",
                     _usage(0x91, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_synchronize_cache,
                     timeout=60),
@@ -943,6 +978,8 @@ COMMANDS = OpcodeTable(
                     timeout=30),
         CommandSpec(Opcode.VERIFY_12, None, "VERIFY(12)",
                     _usage(0xAF, 0x16, *_FF4, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
+        CommandSpec(Opcode.READ_DEFECT_DATA_12, None, "READ DEFECT DATA(12)",
+                    _usage(0xB7, 0x1F, 0, 0, 0, 0, *_FF4, 0, 0), _L._cmd_read_defect_data),
     ]
 )  # fmt: skip
 

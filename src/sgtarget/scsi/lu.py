@@ -45,6 +45,14 @@ from sgtarget.scsi.constants import (
     VpdPage,
 )
 from sgtarget.scsi.lun import encode_lun
+from sgtarget.scsi.reservations import (
+    PROUT_PARAM_LEN,
+    Conflict,
+    PrinAction,
+    ProutAction,
+    Reservations,
+    state_path_for,
+)
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
 from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
 
@@ -265,6 +273,13 @@ class LogicalUnit:
         self.naa = ((0x6 << 124) | (NAA_COMPANY_ID << 100) | tail).to_bytes(16, "big")
         self._directory: LunDirectory | None = None
         self._nexuses: dict[str, _NexusState] = {}
+        # File backstores name their image; APTPL state is kept beside it.
+        path = getattr(backstore, "path", None)
+        self.reservations = Reservations(
+            queue_ua=self.queue_ua,
+            state_path=state_path_for(path if isinstance(path, str) else None),
+            relative_port_id=lambda: self._directory.relative_port_id if self._directory else 1,
+        )
 
     def attach(self, directory: LunDirectory) -> None:
         """Called by ``ScsiTarget``: the target name, port and LUN list for VPD and REPORT LUNS."""
@@ -272,16 +287,26 @@ class LogicalUnit:
 
     # ---- unit attentions -------------------------------------------------------------------
 
+    def queue_ua(self, key: str, asc: Asc) -> None:
+        """Queue a (non-reset) unit attention for one nexus, e.g. RESERVATIONS PREEMPTED."""
+        state = self._nexus(key)
+        if asc not in state.pending:
+            state.pending.append(asc)
+
     def queue_reset_ua(self, asc: Asc) -> None:
         """Queue a reset unit attention for every nexus this LU has seen."""
+        # Every reset releases SPC-2 reservations (SPC-2 5.5.3); persistent ones survive.
+        self.reservations.reset()
         for state in self._nexuses.values():
             state.add_reset(asc)
 
     def forget_all_nexuses(self) -> None:
         """Power-on state: every nexus gets POWER ON, RESET at its next command."""
+        self.reservations.reset()
         self._nexuses.clear()
 
     def nexus_lost(self, key: str) -> None:
+        self.reservations.nexus_lost(key)
         self._nexuses.pop(key, None)
 
     def _nexus(self, key: str) -> _NexusState:
@@ -320,7 +345,13 @@ class LogicalUnit:
             if cdb[spec.cdb_len - 1] & 0x04:
                 # NACA=1 asks for ACA, which we do not implement (SAM-5 5.3.2).
                 raise CheckCondition.invalid_field(spec.cdb_len - 1, 2)
+            if self.reservations.conflicts(cdb, key):
+                task.status = Status.RESERVATION_CONFLICT
+                return
             await spec.handler(self, Cmd(task, channel, spec, key))
+        except Conflict:
+            task.status = Status.RESERVATION_CONFLICT
+            task.sense = b""
         except CheckCondition as cc:
             task.status = Status.CHECK_CONDITION
             task.sense = cc.sense.fixed()
@@ -582,6 +613,33 @@ class LogicalUnit:
         else:
             raise CheckCondition.invalid_field(2, 2)
         await send_reply(cmd, data, rs.alloc_len)
+
+    # ---- reservations (state and rules in scsi/reservations.py) ------------------------------
+
+    async def _cmd_reserve(self, cmd: Cmd) -> None:
+        self.reservations.reserve(cmd.cdb, cmd.nexus_key)
+
+    async def _cmd_release(self, cmd: Cmd) -> None:
+        self.reservations.release(cmd.cdb, cmd.nexus_key)
+
+    async def _cmd_prin(self, cmd: Cmd) -> None:
+        data = self.reservations.persistent_reserve_in(cmd.cdb[1] & 0x1F, cmd.nexus_key)
+        await send_reply(cmd, data, int.from_bytes(cmd.cdb[7:9], "big"))
+
+    async def _cmd_prout(self, cmd: Cmd) -> None:
+        n = u32(cmd.cdb, 5)
+        cmd.task.transfer_length = n
+        if n != PROUT_PARAM_LEN:
+            # Checked before receiving: a huge length must not make us buffer it.
+            raise CheckCondition.illegal(Asc.PARAMETER_LIST_LENGTH_ERROR)
+        sg = await self._receive(cmd, 0, n)
+        if sg is None:
+            return
+        try:
+            params = sg.to_bytes(0, n)
+        finally:
+            sg.release()
+        self.reservations.persistent_reserve_out(cmd.cdb, cmd.nexus_key, params)
 
     async def _cmd_start_stop_unit(self, cmd: Cmd) -> None:
         # Not removable and always ready: every START/STOP and power condition is a no-op.
@@ -904,6 +962,13 @@ def _usage(*data: int) -> bytes:
 
 
 _L = LogicalUnit
+#: PROUT service actions that read SCOPE and TYPE.
+_PROUT_TYPED = (
+    ProutAction.RESERVE,
+    ProutAction.RELEASE,
+    ProutAction.PREEMPT,
+    ProutAction.PREEMPT_AND_ABORT,
+)
 _FF4 = (0xFF, 0xFF, 0xFF, 0xFF)
 _FF8 = _FF4 + _FF4
 
@@ -980,6 +1045,21 @@ COMMANDS = OpcodeTable(
                     _usage(0xAF, 0x16, *_FF4, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
         CommandSpec(Opcode.READ_DEFECT_DATA_12, None, "READ DEFECT DATA(12)",
                     _usage(0xB7, 0x1F, 0, 0, 0, 0, *_FF4, 0, 0), _L._cmd_read_defect_data),
+        CommandSpec(Opcode.RESERVE_6, None, "RESERVE(6)",
+                    _usage(0x16, 0, 0, 0, 0, 0), _L._cmd_reserve),
+        CommandSpec(Opcode.RELEASE_6, None, "RELEASE(6)",
+                    _usage(0x17, 0, 0, 0, 0, 0), _L._cmd_release),
+        CommandSpec(Opcode.RESERVE_10, None, "RESERVE(10)",
+                    _usage(0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0), _L._cmd_reserve),
+        CommandSpec(Opcode.RELEASE_10, None, "RELEASE(10)",
+                    _usage(0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0), _L._cmd_release),
+        *(CommandSpec(Opcode.PERSISTENT_RESERVE_IN, sa, f"PERSISTENT RESERVE IN ({sa.name})",
+                      _usage(0x5E, sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_prin)
+          for sa in PrinAction),
+        *(CommandSpec(Opcode.PERSISTENT_RESERVE_OUT, sa, f"PERSISTENT RESERVE OUT ({sa.name})",
+                      _usage(0x5F, sa, 0xFF if sa in _PROUT_TYPED else 0, 0, 0, *_FF4, 0),
+                      _L._cmd_prout)
+          for sa in ProutAction),
     ]
 )  # fmt: skip
 

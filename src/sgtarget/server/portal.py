@@ -186,7 +186,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         for fut in self.rx_waiters.values():
             fut.cancel()
         self.conn.connection_lost()
-        if session is not None:
+        # A reinstated session's nexus was already lost at the new login (below); its key now
+        # belongs to the new session, whose state must survive the old connection closing.
+        if session is not None and not any(
+            s.nexus.key == session.nexus.key for s in self.server.sessions
+        ):
             scsi = self.server.scsi_target_for(session)
             if scsi is not None:
                 scsi.nexus_lost(session.nexus)
@@ -225,6 +229,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                     ev.session.tsih,
                 )
             elif isinstance(ev, SessionReinstated):
+                # Reinstatement is I_T nexus loss (RFC 7143 6.3.5): before the new session's
+                # first command, not whenever the old connection finishes closing.
+                old_scsi = self.server.scsi_target_for(ev.old)
+                if old_scsi is not None:
+                    old_scsi.nexus_lost(ev.old.nexus)
                 self.server.close_session(ev.old)
             elif isinstance(ev, CloseConnection):
                 log.info("closing connection from %s: %s", self.peer, ev.reason)

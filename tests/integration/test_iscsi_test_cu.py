@@ -38,6 +38,15 @@ SUITES = [
     "SCSI.ReadDefectData10",
     "SCSI.ReadDefectData12",
     "SCSI.ReportSupportedOpcodes",
+    # Reservations (several open a second session to the same target).
+    "SCSI.PrinReadKeys",
+    "SCSI.PrinServiceactionRange",
+    "SCSI.PrinReportCapabilities",
+    "SCSI.ProutRegister",
+    "SCSI.ProutReserve",
+    "SCSI.ProutClear",
+    "SCSI.ProutPreempt",
+    "SCSI.Reserve6",
 ]
 
 

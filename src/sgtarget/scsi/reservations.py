@@ -10,9 +10,11 @@ is also the TransportID READ FULL STATUS reports). One target port, so ALL_TG_PT
 are not supported (REPORT CAPABILITIES says ATP_C=0, SIP_C=0).
 
 PREEMPT AND ABORT: SPC-4 wants the preempted nexuses' tasks aborted. ``abort_hook`` is called with
-their keys; the transport may implement it by aborting those sessions' commands. Without one it
-is a no-op, which is acceptable because our commands complete quickly and the preempted nexus
-gets RESERVATION CONFLICT from its next command anyway.
+their keys (synchronously, inside the PROUT command); the iSCSI server implements it like ABORT
+TASK SET for those sessions on this LUN (``TargetServer._abort_preempted``), so a WRITE that
+passed the conflict check before the preemption cannot land after it. Without a hook (unit
+tests, other transports) it is a no-op: the preempted nexus still gets RESERVATION CONFLICT from
+its next command, but commands already running finish.
 
 APTPL: with a ``state_path`` (beside a file backstore's image), registrations and the
 reservation are written as JSON on every change while APTPL is set and loaded at creation. RAM

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class TargetServer:
             for i, bs in enumerate(config.backstores)
         ]
         self.scsi = ScsiTarget(config.iqn, luns)
+        for lun, lu in self.scsi.luns.items():
+            lu.reservations.abort_hook = functools.partial(self._abort_preempted, lun)
         self.connections: set[IscsiProtocol] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -161,6 +164,29 @@ class TargetServer:
         elif fn == pdu.TmfFunction.TARGET_COLD_RESET:
             scsi.target_reset(cold=True)
         return pdu.TmfResponse.COMPLETE
+
+    def _abort_preempted(self, lun: int, keys: set[str]) -> None:
+        """PREEMPT AND ABORT: abort the preempted nexuses' commands on ``lun`` (SPC-4 5.13.11.2.6).
+
+        Like ABORT TASK SET on their behalf: no status for them, and their data waits end now,
+        so a WRITE that passed the reservation check before the preemption cannot land after.
+        """
+        waits: dict[IscsiProtocol, list[Command]] = {}
+        for proto in self.connections:
+            session = proto.session
+            if session is None or session.nexus.key not in keys:
+                continue
+            cmds = [c for c in list(session.commands.values()) if decode_lun(c.lun) == lun]
+            waits[proto] = [c for c in cmds if proto.conn.abort(c)]
+        if any(waits.values()):
+            task = asyncio.get_running_loop().create_task(self._finish_aborts(waits))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+
+    async def _finish_aborts(self, waits: dict[IscsiProtocol, list[Command]]) -> None:
+        await asyncio.gather(*(p.wait_commands(c) for p, c in waits.items()))
+        for p in waits:
+            p.flush()
 
     def close_session(self, session: Session) -> None:
         for proto in list(self.connections):

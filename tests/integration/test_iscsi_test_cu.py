@@ -47,6 +47,23 @@ SUITES = [
     "SCSI.ProutClear",
     "SCSI.ProutPreempt",
     "SCSI.Reserve6",
+    # Thin provisioning, on this fully provisioned LUN: plain WRITE SAME, no UNMAP (and VPD
+    # saying so), every block mapped.
+    "SCSI.WriteSame10",
+    "SCSI.WriteSame16",
+    "SCSI.Unmap",
+    "SCSI.GetLBAStatus",
+]
+
+#: Suites that exercise thin provisioning (``thin=1``), on a file LUN (hole punching,
+#: SEEK_DATA) and a RAM LUN (madvise).
+THIN_SUITES = [
+    "SCSI.Unmap",
+    "SCSI.WriteSame10",
+    "SCSI.WriteSame16",
+    "SCSI.GetLBAStatus",
+    "SCSI.Inquiry",
+    "SCSI.ReadCapacity16",
 ]
 
 
@@ -104,10 +121,23 @@ def test_iscsi_test_cu(sgtarget: StartTarget, tmp_path: Path, suite: str) -> Non
     tool = require_tool("iscsi-test-cu")
     # A fresh target per suite, so one suite's damage cannot fail the next.
     t = sgtarget("--lun", "ram:size=64M")
+    _run_suite(tool, t.url(), tmp_path, suite)
+
+
+@pytest.mark.parametrize("kind", ["file", "ram"])
+@pytest.mark.parametrize("suite", THIN_SUITES)
+def test_iscsi_test_cu_thin(sgtarget: StartTarget, tmp_path: Path, suite: str, kind: str) -> None:
+    tool = require_tool("iscsi-test-cu")
+    lun = f"file:{tmp_path / 'thin.img'},size=256M" if kind == "file" else "ram:size=64M"
+    t = sgtarget("--lun", f"{lun},thin=1")
+    _run_suite(tool, t.url(), tmp_path, suite)
+
+
+def _run_suite(tool: str, url: str, tmp_path: Path, suite: str) -> None:
     log_path = tmp_path / f"iscsi-test-cu-{suite}.log"
     with log_path.open("w") as log:
         subprocess.run(
-            [tool, f"--test={suite}", "--dataloss", t.url()],
+            [tool, f"--test={suite}", "--dataloss", url],
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=180,

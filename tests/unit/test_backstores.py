@@ -845,3 +845,120 @@ def test_file_direct_through_lu_unaligned_bounces(
         assert pool.stats.copies[("bounce-unaligned", "out")] == len(data)
     finally:
         b.close()
+
+
+# ---- thin provisioning: discard and mapped extents --------------------------------------------
+
+
+def test_file_discard_punches_holes(tmp_path: Path) -> None:
+    path = tmp_path / "thin.img"
+    b = FileBackstore(path, 4 * MiB)
+    try:
+        data = pattern(2 * MiB, seed=3)
+        b.writev(0, split(data, [2 * MiB]))
+        b.flush()
+        before = os.stat(path).st_blocks
+        assert b.mapped_extents(0, 4 * MiB) == [(0, 2 * MiB, True), (2 * MiB, 2 * MiB, False)]
+        b.discard(MiB // 2, MiB)
+        assert os.stat(path).st_blocks * 512 <= before * 512 - MiB
+        assert os.path.getsize(path) == 4 * MiB
+        out = bytearray(2 * MiB)
+        b.readv(0, [memoryview(out)])
+        expect = bytearray(data)
+        expect[MiB // 2 : MiB // 2 + MiB] = bytes(MiB)
+        assert out == expect
+        assert b.mapped_extents(0, 4 * MiB) == [
+            (0, MiB // 2, True),
+            (MiB // 2, MiB, False),
+            (MiB // 2 + MiB, MiB // 2, True),
+            (2 * MiB, 2 * MiB, False),
+        ]
+        # Sub-page ranges cannot be freed but must still read back as zeros.
+        b.discard(100 * 512, 512)
+        one = bytearray(512)
+        b.readv(100 * 512, [memoryview(one)])
+        assert one == bytes(512)
+        b.discard(0, 0)
+        with pytest.raises(BackstoreError, match="out of range"):
+            b.discard(4 * MiB - 512, 1024)
+    finally:
+        b.close()
+
+
+def test_file_discard_falls_back_to_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_mod, "_punch_hole", lambda fd, off, n: errno.EOPNOTSUPP)
+    b = FileBackstore(tmp_path / "z.img", MiB)
+    try:
+        b.writev(0, split(b"\xee" * MiB, [MiB]))
+        b.discard(512, 3 * 512)
+        out = bytearray(5 * 512)
+        b.readv(0, [memoryview(out)])
+        assert out == b"\xee" * 512 + bytes(3 * 512) + b"\xee" * 512
+    finally:
+        b.close()
+
+
+def test_file_discard_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_mod, "_punch_hole", lambda fd, off, n: errno.EIO)
+    b = FileBackstore(tmp_path / "e.img", MiB)
+    try:
+        with pytest.raises(BackstoreError, match="discard of 512 bytes at 0"):
+            b.discard(0, 512)
+    finally:
+        b.close()
+
+
+def test_ram_discard_zeroes_and_frees() -> None:
+    b = RamBackstore(4 * MiB)
+    try:
+        data = pattern(4 * MiB, seed=9)
+        b.writev(0, split(data, [4 * MiB]))
+        # Unaligned at both ends: the whole pages inside are dropped, the edges zeroed.
+        b.discard(1000, 3 * MiB)
+        out = bytearray(4 * MiB)
+        b.readv(0, [memoryview(out)])
+        expect = bytearray(data)
+        expect[1000 : 1000 + 3 * MiB] = bytes(3 * MiB)
+        assert out == expect
+        b.discard(10, 20)  # within one page
+        b.readv(0, [memoryview(out)])
+        assert out[10:30] == bytes(20)
+        assert out[9] == expect[9]
+        assert out[30] == expect[30]
+        assert b.mapped_extents(0, 4 * MiB) == [(0, 4 * MiB, True)]
+        with pytest.raises(BackstoreError, match="out of range"):
+            b.discard(4 * MiB, 1)
+    finally:
+        b.close()
+    with pytest.raises(BackstoreError, match="closed"):
+        b.discard(0, 512)
+
+
+def test_null_discard_is_a_no_op() -> None:
+    b = NullBackstore(MiB)
+    b.discard(0, MiB)
+    assert b.mapped_extents(512, 1024) == [(512, 1024, True)]
+
+
+def test_default_discard_writes_zeros() -> None:
+    class Plain(Backstore):
+        kind = "plain"
+
+        def __init__(self) -> None:
+            super().__init__(3 * MiB)
+            self.data = bytearray(b"\x01" * self.size)
+
+        def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+            raise NotImplementedError
+
+        def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
+            for v in bufs:
+                self.data[offset : offset + len(v)] = v
+                offset += len(v)
+            return sum(len(v) for v in bufs)
+
+    b = Plain()
+    b.discard(512, 2 * MiB + 512)
+    assert b.data[:512] == b"\x01" * 512
+    assert b.data[512 : 2 * MiB + 1024] == bytes(2 * MiB + 512)
+    assert b.data[2 * MiB + 1024 :] == b"\x01" * (MiB - 1024)

@@ -159,7 +159,11 @@ NAA = bytes.fromhex("6000000faada340b039cc39fa3137de1")
         ),
         (
             0xB0,
-            bytes.fromhex("00 b0 003c 00 00 0001 00004000 00000800") + bytes(48),
+            # MAXIMUM WRITE SAME LENGTH 0xFFFF (no UNMAP limits: LUN 0 is not thin).
+            bytes.fromhex("00 b0 003c 00 00 0001 00004000 00000800")
+            + bytes(20)
+            + bytes.fromhex("000000000000ffff")
+            + bytes(20),
         ),
         (0xB1, bytes.fromhex("00 b1 003c 0001") + bytes(58)),
         (0xB2, bytes.fromhex("00 b2 0004 00 00 00 00")),
@@ -401,7 +405,8 @@ def test_rsoc_all_commands(ready: ScsiTarget, pool: Pool) -> None:
     good(task)
     data = bytes(ch.data_in)
     length = int.from_bytes(data[:4], "big")
-    assert length == len(data) - 4 == 8 * len(list(COMMANDS))
+    # Every command but UNMAP, which only thin LUNs have.
+    assert length == len(data) - 4 == 8 * (len(list(COMMANDS)) - 1)
     descs = [data[4 + i : 12 + i] for i in range(0, length, 8)]
     assert bytes.fromhex("28 00 0000 00 00 000a") in descs  # READ(10)
     assert bytes.fromhex("9e 00 0010 00 01 0010") in descs  # READ CAPACITY(16), SERVACTV
@@ -413,7 +418,7 @@ def test_rsoc_all_commands(ready: ScsiTarget, pool: Pool) -> None:
 def test_rsoc_all_commands_with_timeouts(ready: ScsiTarget, pool: Pool) -> None:
     _, ch = run(ready, pool, rsoc(0, rctd=True))
     data = bytes(ch.data_in)
-    assert int.from_bytes(data[:4], "big") == 20 * len(list(COMMANDS))
+    assert int.from_bytes(data[:4], "big") == 20 * (len(list(COMMANDS)) - 1)  # no UNMAP
     first = data[4:24]  # TEST UNIT READY: CTDP, timeouts descriptor length 0x0A
     assert first == bytes.fromhex("00 00 0000 00 02 0006 000a 00 00 00000000 00000000")
 
@@ -432,7 +437,7 @@ def test_rsoc_one_command(ready: ScsiTarget, pool: Pool) -> None:
 
 
 def test_rsoc_not_supported_and_errors(ready: ScsiTarget, pool: Pool) -> None:
-    task, ch = run(ready, pool, rsoc(1, 0x42))
+    task, ch = run(ready, pool, rsoc(1, 0x42))  # UNMAP: LUN 0 is not thin
     good(task)
     assert bytes(ch.data_in) == bytes.fromhex("00 01 0000")
     _, ch = run(ready, pool, rsoc(2, 0x9E, 0x11))

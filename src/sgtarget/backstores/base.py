@@ -9,12 +9,19 @@ in which case they are cheap enough to run inline on the event loop.
 from __future__ import annotations
 
 import abc
+import mmap
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
 from sgtarget.datapath.bounce import ConsumerLimits
 
 Buffers = Sequence[memoryview]
+
+# Zeros for ``discard``'s fallback: an anonymous read-only mapping is page aligned, so it also
+# suits O_DIRECT files, and shared so no discard allocates a zero buffer of its own.
+_ZERO_MAP = mmap.mmap(-1, 64 * 1024, prot=mmap.PROT_READ)
+_ZEROS = memoryview(_ZERO_MAP)
+_ZERO_RUN = 1024 * 1024
 
 
 class BackstoreError(Exception):
@@ -48,6 +55,25 @@ class Backstore(abc.ABC):
 
     def prefetch(self, offset: int, length: int) -> None:  # noqa: B027 - nothing to warm
         """Hint that ``[offset, offset + length)`` will be read soon (PRE-FETCH)."""
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate ``[offset, offset + length)``; it reads back as zeros afterwards.
+
+        The default writes zeros (correct, frees nothing); thin-capable kinds override it.
+        """
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, _ZERO_RUN)
+            views = [_ZEROS[: min(len(_ZEROS), n - i)] for i in range(0, n, len(_ZEROS))]
+            self.writev(offset, views)
+            offset += n
+
+    def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(offset, length, mapped)`` runs covering the range, in order (GET LBA STATUS).
+
+        The default model: everything is mapped.
+        """
+        return [(offset, length, True)]
 
     def close(self) -> None:  # noqa: B027
         """Release resources; flushes first where that matters."""

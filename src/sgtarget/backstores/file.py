@@ -13,6 +13,7 @@ backstore states in ``limits``; the SCSI layer bounces the I/Os that do not fit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -181,6 +182,54 @@ class FileBackstore(Backstore):
         with contextlib.suppress(OSError):
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole (the blocks are freed and read back as zeros); zeros if unsupported.
+
+        ``os.posix_fallocate`` cannot punch holes, so fallocate(2) is called through ctypes.
+        Filesystems without hole punching get zeros written instead (correct, frees nothing).
+        """
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise BackstoreError(
+                f"file: discard {offset}+{length} out of range for {self.path} ({self.size} bytes)"
+            )
+        if not length:
+            return
+        err = _punch_hole(self._fd, offset, length)
+        if err == 0:
+            return
+        if err not in _NO_PUNCH:
+            raise self._error("discard", offset, length, OSError(err, os.strerror(err)))
+        super().discard(offset, length)
+
+    def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Data and holes from ``lseek(SEEK_DATA/SEEK_HOLE)``; all mapped if unsupported."""
+        end = offset + length
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole from here to EOF
+                    data = end
+                elif exc.errno in _NO_SEEK_HOLE:
+                    return [(offset, length, True)]
+                else:
+                    raise self._error("seek", pos, end - pos, exc) from exc
+            data = min(data, end)
+            if data > pos:
+                out.append((pos, data - pos, False))
+                pos = data
+            if pos >= end:
+                break
+            try:
+                hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            except OSError as exc:
+                raise self._error("seek", pos, end - pos, exc) from exc
+            out.append((pos, hole - pos, True))
+            pos = hole
+        return out
+
     def _transfer(
         self,
         what: str,
@@ -268,6 +317,32 @@ class FileBackstore(Backstore):
     def describe(self) -> str:
         mode = ", direct I/O" if self.direct else ""
         return f"file {self.path} ({self.size} bytes{mode})"
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_NO_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+_NO_SEEK_HOLE = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
+_fallocate: Callable[[int, int, int, int], int] | None = None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    _libc.fallocate.restype = ctypes.c_int
+    _fallocate = _libc.fallocate
+except (OSError, AttributeError):  # no libc fallocate: discard writes zeros
+    pass
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> int:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE); 0 or the errno."""
+    if _fallocate is None:
+        return errno.ENOSYS
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            return err
+    return 0
 
 
 def _fs_type(path: str) -> str | None:

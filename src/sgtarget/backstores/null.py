@@ -49,6 +49,9 @@ class NullBackstore(Backstore):
     def writev(self, offset: int, bufs: Buffers) -> int:
         return self._extent(offset, bufs)
 
+    def discard(self, offset: int, length: int) -> None:
+        """Nothing is stored, so nothing to free (reads are zeros already)."""
+
 
 @register("null")
 def create_null(params: dict[str, str]) -> NullBackstore:

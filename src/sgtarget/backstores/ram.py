@@ -19,6 +19,12 @@ def _bytes(view: memoryview) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def _zero(mem: memoryview, start: int, end: int) -> None:
+    # Sub-page edges of a discard: at most two partial pages, so a small temporary is fine.
+    if end > start:
+        mem[start:end] = bytes(end - start)
+
+
 class RamBackstore(Backstore):
     """``size`` bytes of anonymous memory, zero-filled on creation."""
 
@@ -63,6 +69,28 @@ class RamBackstore(Backstore):
             region[pos : pos + n] = _bytes(buf)
             pos += n
         return pos
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zero the range; whole pages are handed back to the kernel.
+
+        MADV_DONTNEED on a private anonymous mapping frees the pages, and the next touch maps
+        the shared zero page, so the range reads back as zeros (LBPRZ) and costs no memory.
+        """
+        mem = self._mem
+        if mem is None:
+            raise BackstoreError("ram: backstore is closed")
+        end = offset + length
+        if offset < 0 or length < 0 or end > self.size:
+            raise BackstoreError(f"ram: {offset}+{length} out of range ({self.size} bytes)")
+        page = mmap.PAGESIZE
+        first = -(-offset // page) * page
+        last = end // page * page
+        if first < last:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+            _zero(mem, offset, first)
+            _zero(mem, last, end)
+        else:
+            _zero(mem, offset, end)
 
     def close(self) -> None:
         mem, self._mem = self._mem, None

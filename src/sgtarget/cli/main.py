@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import sgtarget
-from sgtarget.cli.specs import LunSpec, build_backstore, parse_iqn, parse_lun_spec, parse_portal
+from sgtarget.cli.specs import (
+    LunSpec,
+    build_backstore,
+    lun_thin,
+    parse_iqn,
+    parse_lun_spec,
+    parse_portal,
+)
 from sgtarget.cli.specs import parse_size as _parse_size
 from sgtarget.datapath import DEFAULT_BLOCK_SIZE, DEFAULT_POOL_SIZE
 
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_arg(parse_lun_spec, "lun"),
         metavar="SPEC",
         help="file:PATH[,size=SIZE] | ram:size=SIZE | "
-        "null:size=SIZE (repeatable; LUNs are numbered from 0 in order)",
+        "null:size=SIZE, each with an optional ,thin=1 (UNMAP / thin provisioning) "
+        "(repeatable; LUNs are numbered from 0 in order)",
     )
     serve.add_argument(
         "--pool",
@@ -114,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from sgtarget.server.daemon import run  # noqa: PLC0415 - keep --help fast
-    from sgtarget.server.target import DEFAULT_IQN, DEFAULT_PORT, TargetConfig  # noqa: PLC0415
+    from sgtarget.server.target import (  # noqa: PLC0415
+        DEFAULT_IQN,
+        DEFAULT_PORT,
+        LunOptions,
+        TargetConfig,
+    )
 
     if args.nop_interval < 0:
         print(
@@ -146,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         specs = [parse_lun_spec(f"file:{path},size={DEFAULT_LUN_SIZE}")]
         banner.append(f"  data directory {data_dir}")
     backstores = []
+    options = []
     try:
         for spec in specs:
+            # LUN keys first: a bad value should not leave a file created behind it.
+            options.append(LunOptions(thin=lun_thin(spec)))
             backstores.append(build_backstore(spec))
     except ValueError as exc:
         for bs in backstores:
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         iqn=args.target or DEFAULT_IQN,
         portals=args.portal or [("127.0.0.1", DEFAULT_PORT)],
         backstores=backstores,
+        lun_options=options,
         pool_size=args.pool,
         nop_interval=args.nop_interval or None,
         queue_depth=args.queue_depth,

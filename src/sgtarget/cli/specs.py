@@ -24,6 +24,7 @@ __all__ = [
     "LunSpec",
     "build_backstore",
     "format_size",
+    "lun_thin",
     "parse_iqn",
     "parse_lun_spec",
     "parse_portal",
@@ -133,7 +134,8 @@ def parse_iqn(text: str) -> str:
 
 #: Keys of a ``--lun`` spec that configure the LUN rather than its backstore; they are split off
 #: into ``LunSpec.lun_params`` and never reach the backstore factory.
-LUN_KEYS: frozenset[str] = frozenset()
+LUN_KEYS: frozenset[str] = frozenset({"thin"})
+_BOOLS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 
 #: Kinds whose first element may be a bare value, and the key it stands for.
 _POSITIONAL_KEY = {"file": "path"}
@@ -199,6 +201,18 @@ def parse_lun_spec(text: str) -> LunSpec:
             raise fail(f"duplicate key {key!r}")
         target[key] = value
     return LunSpec(kind, MappingProxyType(params), MappingProxyType(lun_params), text)
+
+
+def lun_thin(spec: LunSpec) -> bool:
+    """The ``thin`` LUN key: thin provisioning (UNMAP, WRITE SAME UNMAP) on or off."""
+    raw = spec.lun_params.get("thin", "0")
+    value = _BOOLS.get(raw.lower())
+    if value is None:
+        raise ValueError(
+            f"invalid LUN spec {spec.text or spec.kind!r}: thin={raw!r} is not one of "
+            f"{', '.join(_BOOLS)}"
+        )
+    return value
 
 
 def build_backstore(spec: LunSpec) -> Backstore:

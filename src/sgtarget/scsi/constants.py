@@ -23,6 +23,8 @@ class Opcode(enum.IntEnum):
     PRE_FETCH_10 = 0x34
     SYNCHRONIZE_CACHE_10 = 0x35
     READ_DEFECT_DATA_10 = 0x37
+    WRITE_SAME_10 = 0x41
+    UNMAP = 0x42
     RESERVE_10 = 0x56
     RELEASE_10 = 0x57
     MODE_SENSE_10 = 0x5A
@@ -34,6 +36,7 @@ class Opcode(enum.IntEnum):
     VERIFY_16 = 0x8F
     PRE_FETCH_16 = 0x90
     SYNCHRONIZE_CACHE_16 = 0x91
+    WRITE_SAME_16 = 0x93
     SERVICE_ACTION_IN_16 = 0x9E
     REPORT_LUNS = 0xA0
     MAINTENANCE_IN = 0xA3
@@ -46,6 +49,7 @@ class Opcode(enum.IntEnum):
 
 class ServiceActionIn16(enum.IntEnum):
     READ_CAPACITY_16 = 0x10
+    GET_LBA_STATUS = 0x12
 
 
 class MaintenanceIn(enum.IntEnum):

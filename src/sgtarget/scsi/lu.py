@@ -45,6 +45,14 @@ from sgtarget.scsi.constants import (
     VpdPage,
 )
 from sgtarget.scsi.lun import encode_lun
+from sgtarget.scsi.provisioning import (
+    cmd_get_lba_status,
+    cmd_unmap,
+    cmd_write_same,
+    fill_block_limits,
+    provisioning_vpd_body,
+    rc16_provisioning,
+)
 from sgtarget.scsi.reservations import (
     PROUT_PARAM_LEN,
     Conflict,
@@ -132,6 +140,12 @@ class CommandSpec:
     ua_exempt: bool = False
     #: Recommended timeout in seconds for RSOC's command timeouts descriptor (0: unknown).
     timeout: int = 0
+    #: For commands only some LUs have (UNMAP on thin LUs): RSOC leaves them out elsewhere,
+    #: and their handler answers INVALID COMMAND OPERATION CODE there.
+    supported: Callable[[LogicalUnit], bool] | None = None
+
+    def supported_by(self, lu: LogicalUnit) -> bool:
+        return self.supported is None or self.supported(lu)
 
     @property
     def cdb_len(self) -> int:
@@ -252,6 +266,7 @@ class LogicalUnit:
         vendor: str = "SGTARGET",
         product: str = "VIRTUAL-DISK",
         revision: str = "0001",
+        thin: bool = False,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
@@ -263,6 +278,8 @@ class LogicalUnit:
         self.vendor = vendor
         self.product = product
         self.revision = revision
+        #: Thin provisioned: UNMAP and WRITE SAME's UNMAP bit deallocate (see provisioning.py).
+        self.thin = thin
         self.num_blocks = backstore.size // block_size
         self.max_transfer_blocks = MAX_TRANSFER_BYTES // block_size
         digest = hashlib.sha256(identity.encode()).digest()
@@ -518,6 +535,7 @@ class LogicalUnit:
         _U16.pack_into(body, 2, 1)  # OPTIMAL TRANSFER LENGTH GRANULARITY
         _U32.pack_into(body, 4, self.max_transfer_blocks)  # MAXIMUM TRANSFER LENGTH
         _U32.pack_into(body, 8, IO_WINDOW // self.block_size)  # OPTIMAL TRANSFER LENGTH
+        fill_block_limits(self, body)
         return self._vpd(VpdPage.BLOCK_LIMITS, bytes(body))
 
     def _vpd_block_characteristics(self) -> bytes:
@@ -526,8 +544,7 @@ class LogicalUnit:
         return self._vpd(VpdPage.BLOCK_DEVICE_CHARACTERISTICS, bytes(body))
 
     def _vpd_provisioning(self) -> bytes:
-        # No UNMAP / WRITE SAME unmap yet: LBPU, LBPWS, LBPWS10 and provisioning type all 0.
-        return self._vpd(VpdPage.LOGICAL_BLOCK_PROVISIONING, bytes(4))
+        return self._vpd(VpdPage.LOGICAL_BLOCK_PROVISIONING, provisioning_vpd_body(self))
 
     async def _cmd_report_luns(self, cmd: Cmd) -> None:
         luns: Iterable[int] = self._directory.lun_numbers() if self._directory else (0,)
@@ -589,6 +606,8 @@ class LogicalUnit:
         if rs.options == 0:
             out = bytearray()
             for each in COMMANDS:
+                if not each.supported_by(self):
+                    continue
                 flags = (0x02 if rs.rctd else 0) | (0x01 if each.service_action is not None else 0)
                 out += _RSOC_DESC.pack(each.opcode, each.service_action or 0, flags, each.cdb_len)
                 if rs.rctd:
@@ -603,6 +622,8 @@ class LogicalUnit:
             spec = COMMANDS.get(rs.opcode, rs.service_action if has_sa else None)
             if spec is not None and rs.options == 3 and not has_sa and rs.service_action:
                 spec = None  # option 3 names a service action this opcode does not have
+            if spec is not None and not spec.supported_by(self):
+                spec = None
             if spec is None:
                 data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
             else:
@@ -653,7 +674,7 @@ class LogicalUnit:
         await send_reply(cmd, data, len(data))
 
     async def _cmd_read_capacity_16(self, cmd: Cmd) -> None:
-        data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, 0, 0)
+        data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, 0, rc16_provisioning(self))
         await send_reply(cmd, data, u32(cmd.cdb, 10))
 
     async def _cmd_prefetch(self, cmd: Cmd) -> None:
@@ -1008,6 +1029,11 @@ COMMANDS = OpcodeTable(
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE(10)",
                     _usage(0x35, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_synchronize_cache,
                     timeout=60),
+        CommandSpec(Opcode.WRITE_SAME_10, None, "WRITE SAME(10)",
+                    _usage(0x41, 0x08, *_FF4, 0x3F, 0xFF, 0xFF, 0), cmd_write_same, timeout=60),
+        CommandSpec(Opcode.UNMAP, None, "UNMAP",
+                    _usage(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), cmd_unmap, timeout=60,
+                    supported=lambda lu: lu.thin),
         CommandSpec(Opcode.MODE_SENSE_10, None, "MODE SENSE(10)",
                     _usage(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
         CommandSpec(Opcode.READ_16, None, "READ(16)",
@@ -1024,6 +1050,11 @@ COMMANDS = OpcodeTable(
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE(16)",
                     _usage(0x91, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_synchronize_cache,
                     timeout=60),
+        CommandSpec(Opcode.WRITE_SAME_16, None, "WRITE SAME(16)",
+                    _usage(0x93, 0x09, *_FF8, *_FF4, 0x3F, 0), cmd_write_same, timeout=60),
+        CommandSpec(Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS,
+                    "GET LBA STATUS",
+                    _usage(0x9E, 0x12, *_FF8, *_FF4, 0, 0), cmd_get_lba_status),
         CommandSpec(Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.READ_CAPACITY_16,
                     "READ CAPACITY(16)",
                     _usage(0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0),

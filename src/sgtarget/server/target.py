@@ -39,11 +39,20 @@ DEFAULT_PORT = 3260
 RECLAIM_INTERVAL = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class LunOptions:
+    """LU settings that are not the backstore's (``--lun ...,thin=1``)."""
+
+    thin: bool = False
+
+
 @dataclass
 class TargetConfig:
     iqn: str = DEFAULT_IQN
     portals: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", DEFAULT_PORT)])
     backstores: list[Backstore] = field(default_factory=list)
+    #: Per LUN, in the order of ``backstores``; missing entries are the defaults.
+    lun_options: list[LunOptions] = field(default_factory=list)
     pool_size: int = DEFAULT_POOL_SIZE
     io_threads: int = 8
     nop_interval: float | None = 30.0
@@ -75,6 +84,7 @@ class TargetServer:
                 bs,
                 runner=self._run_blocking if bs.blocking else _run_inline,
                 identity=f"{config.iqn}/lun{i}",
+                thin=(config.lun_options[i] if i < len(config.lun_options) else LunOptions()).thin,
             )
             for i, bs in enumerate(config.backstores)
         ]

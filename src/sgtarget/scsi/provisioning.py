@@ -1,0 +1,318 @@
+"""Logical block provisioning (SBC-4 4.7): UNMAP, WRITE SAME(10/16), GET LBA STATUS.
+
+The handlers are called from ``lu.COMMANDS`` like any other command. A LUN is thin when it was
+created with ``thin=True``: then UNMAP and the UNMAP bit of WRITE SAME deallocate through
+``Backstore.discard`` and deallocated blocks read back as zeros (LBPRZ). WRITE SAME without
+UNMAP and GET LBA STATUS work on every LUN (a fully provisioned one reports all blocks mapped).
+
+We report no anchored state (ANC_SUP 0), so an ANCHOR bit is always an invalid field.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from sgtarget.backstores.base import BackstoreError
+from sgtarget.scsi.cdb import decode_block, u16, u32
+from sgtarget.scsi.constants import Asc, Opcode, SenseKey
+from sgtarget.scsi.sense import CheckCondition, SenseData, field_pointer
+
+if TYPE_CHECKING:
+    from sgtarget.scsi.lu import Cmd, LogicalUnit
+
+log = logging.getLogger(__name__)
+
+#: VPD B0h MAXIMUM UNMAP LBA COUNT: one UNMAP frees at most this many blocks (libiscsi calls
+#: anything above 1M and below "unlimited" insane).
+MAX_UNMAP_LBA_COUNT = 1024 * 1024
+#: VPD B0h MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT; bounds the parameter list we receive.
+MAX_UNMAP_DESCRIPTORS = 256
+#: VPD B0h MAXIMUM WRITE SAME LENGTH (blocks), as LIO. Below 65536 on purpose: a larger one
+#: makes libiscsi's WRITE SAME tests WRITE(16) 65536 blocks first, beyond MAXIMUM TRANSFER.
+MAX_WRITE_SAME_BLOCKS = 0xFFFF
+#: GET LBA STATUS looks at most this far ahead; descriptors need not reach the end of medium.
+LBA_STATUS_SCAN_BYTES = 1 << 30
+#: GET LBA STATUS provisioning status values.
+MAPPED = 0x0
+DEALLOCATED = 0x1
+
+_HDR = struct.Struct(">HH4x")  # UNMAP DATA LENGTH, UNMAP BLOCK DESCRIPTOR DATA LENGTH
+_UNMAP_DESC = struct.Struct(">QI4x")  # LBA, NUMBER OF LOGICAL BLOCKS
+_LBA_STATUS_HDR = struct.Struct(">I4x")  # PARAMETER DATA LENGTH
+_LBA_STATUS_DESC = struct.Struct(">QIB3x")  # LBA, NUMBER OF BLOCKS, PROVISIONING STATUS
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+_LBA_OUT_OF_RANGE = SenseData(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+_PARAM_LIST_LENGTH = SenseData(SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR)
+_BAD_IU = SenseData(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+
+
+def _bad_param(byte: int) -> CheckCondition:
+    """INVALID FIELD IN PARAMETER LIST pointing into the parameter data (C/D = 0)."""
+    return CheckCondition(
+        SenseData(
+            SenseKey.ILLEGAL_REQUEST,
+            Asc.INVALID_FIELD_IN_PARAMETER_LIST,
+            sks=field_pointer(byte, in_cdb=False),
+        )
+    )
+
+
+# ---- what the LU reports ---------------------------------------------------------------------
+
+
+def fill_block_limits(lu: LogicalUnit, body: bytearray) -> None:
+    """The provisioning fields of VPD B0h (``body`` offsets are page offsets minus 4).
+
+    WSNZ stays 0: WRITE SAME with 0 blocks means "to the end of the medium". The UNMAP limits
+    must be 0 unless UNMAP is supported (LBPU).
+    """
+    if lu.thin:
+        _U32.pack_into(body, 16, MAX_UNMAP_LBA_COUNT)
+        _U32.pack_into(body, 20, MAX_UNMAP_DESCRIPTORS)
+        _U32.pack_into(body, 24, 1)  # OPTIMAL UNMAP GRANULARITY: any block
+    _U64.pack_into(body, 32, MAX_WRITE_SAME_BLOCKS)
+
+
+def provisioning_vpd_body(lu: LogicalUnit) -> bytes:
+    """VPD B2h after its header: LBPU, LBPWS, LBPWS10, LBPRZ 001b, provisioning type 2."""
+    if not lu.thin:
+        return bytes(4)  # fully provisioned: no deallocation commands
+    return bytes((0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0))
+
+
+def rc16_provisioning(lu: LogicalUnit) -> int:
+    """READ CAPACITY(16) bytes 14..15: LBPME and LBPRZ on thin LUNs, lowest aligned LBA 0."""
+    return 0xC000 if lu.thin else 0
+
+
+# ---- UNMAP -----------------------------------------------------------------------------------
+
+
+def unmap_descriptor_count(header: bytes, param_len: int) -> int:
+    """How many block descriptors the 8-byte header announces, checked against limits."""
+    data_len, bd_len = _HDR.unpack_from(header)
+    if bd_len > param_len - 8:
+        # The header claims more descriptors than the CDB's PARAMETER LIST LENGTH carries.
+        raise CheckCondition(_PARAM_LIST_LENGTH)
+    if data_len < bd_len + 6:
+        raise _bad_param(0)
+    # SBC-4: a truncated last descriptor is ignored.
+    count: int = bd_len // _UNMAP_DESC.size
+    if count > MAX_UNMAP_DESCRIPTORS:
+        raise _bad_param(2)
+    return count
+
+
+def parse_unmap_descriptors(data: bytes, num_blocks: int) -> list[tuple[int, int]]:
+    """``(lba, nblocks)`` per descriptor; every one is checked before anything is unmapped."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for i in range(len(data) // _UNMAP_DESC.size):
+        lba, count = _UNMAP_DESC.unpack_from(data, i * _UNMAP_DESC.size)
+        if lba + count > num_blocks:
+            raise CheckCondition(_LBA_OUT_OF_RANGE)
+        total += count
+        if total > MAX_UNMAP_LBA_COUNT:
+            raise _bad_param(8 + i * _UNMAP_DESC.size + 8)
+        out.append((lba, count))
+    return out
+
+
+async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
+    cdb = cmd.cdb
+    param_len = u16(cdb, 7)
+    cmd.task.transfer_length = param_len
+    if not lu.thin:
+        # Fully provisioned LUNs do not have UNMAP (LBPU 0), as if it were not in the table.
+        raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
+    if cdb[1] & 0x01:
+        raise CheckCondition.invalid_field(1, 0)  # ANCHOR: ANC_SUP is 0
+    if param_len == 0:
+        return  # no parameter list: nothing to do (SBC-4 5.32.1)
+    if param_len < _HDR.size:
+        raise CheckCondition(_PARAM_LIST_LENGTH)
+    # One receive for the whole list (at most 64 KiB, the field is 16 bits): the transport
+    # wants Data-Out windows in ascending order and a window cut short loses its tail.
+    sg = await lu._receive(cmd, 0, param_len)
+    if sg is None:
+        return
+    try:
+        data = sg.to_bytes(0, param_len)
+    finally:
+        sg.release()
+    count = unmap_descriptor_count(data, param_len)
+    start = _HDR.size
+    data = data[start : start + count * _UNMAP_DESC.size]
+    ranges = parse_unmap_descriptors(data, lu.num_blocks)
+    bs = lu.block_size
+    for lba, nblocks in ranges:
+        if nblocks:
+            await _discard(lu, lba * bs, nblocks * bs)
+        if cmd.aborted():
+            return
+
+
+async def _discard(lu: LogicalUnit, offset: int, length: int) -> None:
+    try:
+        await lu._run(lu.backstore.discard, offset, length)
+        return
+    except BackstoreError as exc:
+        log.warning("discard of %d bytes at %d failed on %s: %s", length, offset, lu.identity, exc)
+    raise CheckCondition.of(
+        SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // lu.block_size
+    )
+
+
+# ---- WRITE SAME ------------------------------------------------------------------------------
+
+
+async def cmd_write_same(lu: LogicalUnit, cmd: Cmd) -> None:
+    """WRITE SAME(10/16): one block (or zeros with NDOB) over a range, or deallocate it."""
+    task = cmd.task
+    cdb = cmd.cdb
+    blk = decode_block(cdb)
+    sixteen = cdb[0] == Opcode.WRITE_SAME_16
+    ndob = sixteen and bool(cdb[1] & 0x01)
+    unmap = bool(cdb[1] & 0x08)
+    bs = lu.block_size
+    task.transfer_length = 0 if ndob else bs
+    if blk.protect:
+        raise CheckCondition.invalid_field(1, 7)
+    if cdb[1] & 0x10:
+        raise CheckCondition.invalid_field(1, 4)  # ANCHOR (ANC_SUP 0; and needs UNMAP)
+    if unmap and not lu.thin:
+        raise CheckCondition.invalid_field(1, 3)
+    # NUMBER OF LOGICAL BLOCKS 0 means "through the last LBA" (WSNZ 0).
+    nblocks = blk.length or max(lu.num_blocks - blk.lba, 0)
+    lu._check_range(blk.lba, nblocks)
+    if nblocks > MAX_WRITE_SAME_BLOCKS:
+        raise CheckCondition.invalid_field(10 if sixteen else 7)
+    pattern: bytes | None = None
+    if not ndob:
+        # Exactly one block of Data-Out: a shorter or longer buffer is not "the same block".
+        if task.expected_length != bs:
+            raise CheckCondition(_BAD_IU)
+        sg = await lu._receive(cmd, 0, bs)
+        if sg is None:
+            return
+        try:
+            pattern = sg.to_bytes(0, bs)
+        finally:
+            sg.release()
+    base = blk.lba * bs
+    total = nblocks * bs
+    if unmap:
+        # Deallocate whatever the block holds, as LIO and tgt do and libiscsi 1.19 expects
+        # (its UnmapUntilEnd sends 0xFF blocks and wants zeros back): the initiator asked for
+        # deallocation, and LBPRZ tells it what the range reads as afterwards.
+        await _discard(lu, base, total)
+        return
+    await _write_repeated(lu, cmd, pattern, base, total)
+
+
+async def _write_repeated(
+    lu: LogicalUnit, cmd: Cmd, pattern: bytes | None, base: int, total: int
+) -> None:
+    """Write ``pattern`` (``None``: zeros) over ``[base, base + total)`` through one window."""
+    from sgtarget.scsi.lu import IO_WINDOW  # noqa: PLC0415 - lu imports this module
+
+    bs = lu.block_size
+    window = min(total, max(bs, IO_WINDOW - IO_WINDOW % bs))
+    sg = await cmd.channel.alloc(window, partial=True)
+    try:
+        n = sg.length - sg.length % bs
+        if n == 0 or cmd.aborted():
+            return
+        if pattern is None:
+            sg.zero(0, n)
+        else:
+            # Filled once, written as often as needed: the range is never held in memory.
+            chunk = pattern * max(1, 65536 // bs)
+            for off in range(0, n, len(chunk)):
+                sg.copy_in(memoryview(chunk)[: n - off], off, reason="write-same")
+        pos = 0
+        while pos < total:
+            m = min(n, total - pos)
+            await lu._write_from(sg, base + pos, m, cmd.channel)
+            if cmd.aborted():
+                return
+            pos += m
+    finally:
+        sg.release()
+
+
+# ---- GET LBA STATUS --------------------------------------------------------------------------
+
+
+def block_runs(
+    extents: Iterable[tuple[int, int, bool]], block_size: int, first: int, end: int
+) -> list[tuple[int, int, bool]]:
+    """Byte extents as ``(lba, nblocks, mapped)`` runs covering blocks ``[first, end)``.
+
+    A block is mapped when any byte of it is: mapped extents grow to whole blocks, deallocated
+    ones shrink. Adjacent runs of the same status are merged.
+    """
+    runs: list[tuple[int, int, bool]] = []
+    cursor = first
+
+    def add(start: int, stop: int, mapped: bool) -> None:
+        if runs and runs[-1][2] == mapped:
+            runs[-1] = (runs[-1][0], stop - runs[-1][0], mapped)
+        else:
+            runs.append((start, stop - start, mapped))
+
+    for off, length, mapped in extents:
+        if mapped:
+            start, stop = off // block_size, -(-(off + length) // block_size)
+        else:
+            start, stop = -(-off // block_size), (off + length) // block_size
+        start, stop = max(start, cursor), min(stop, end)
+        if stop <= start:
+            continue
+        if start > cursor:  # a gap can only be a partial block: it holds data
+            add(cursor, start, True)
+        add(start, stop, mapped)
+        cursor = stop
+    if cursor < end:
+        add(cursor, end, True)
+    return runs
+
+
+def lba_status_data(runs: list[tuple[int, int, bool]], max_descriptors: int) -> bytes:
+    """GET LBA STATUS parameter data: header and up to ``max_descriptors`` descriptors."""
+    body = bytearray()
+    for lba, count, mapped in runs[:max_descriptors]:
+        status = MAPPED if mapped else DEALLOCATED
+        body += _LBA_STATUS_DESC.pack(lba, min(count, 0xFFFFFFFF), status)
+    return _LBA_STATUS_HDR.pack(len(body) + 4) + bytes(body)
+
+
+async def cmd_get_lba_status(lu: LogicalUnit, cmd: Cmd) -> None:
+    from sgtarget.scsi.lu import send_reply  # noqa: PLC0415 - lu imports this module
+
+    cdb = cmd.cdb
+    lba = _U64.unpack_from(cdb, 2)[0]
+    alloc = u32(cdb, 10)
+    if lba >= lu.num_blocks:
+        raise CheckCondition(_LBA_OUT_OF_RANGE)
+    bs = lu.block_size
+    end = min(lu.num_blocks, lba + max(1, LBA_STATUS_SCAN_BYTES // bs))
+    if lu.thin:
+        try:
+            extents = await lu._run(lu.backstore.mapped_extents, lba * bs, (end - lba) * bs)
+        except BackstoreError as exc:
+            log.warning("mapped extents at LBA %d failed on %s: %s", lba, lu.identity, exc)
+            extents = None
+        if extents is None:
+            raise CheckCondition.of(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+        runs = block_runs(extents, bs, lba, end)
+    else:
+        runs = [(lba, end - lba, True)]
+    # As many descriptors as fit the allocation length; at least one, truncated by send_reply.
+    max_desc = max(1, (alloc - _LBA_STATUS_HDR.size) // _LBA_STATUS_DESC.size)
+    await send_reply(cmd, lba_status_data(runs, max_desc), alloc)

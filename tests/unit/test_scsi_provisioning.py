@@ -13,6 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sgtarget.backstores.file import FileBackstore
+from sgtarget.backstores.ram import RamBackstore
+from sgtarget.cli.main import main as cli_main
+from sgtarget.cli.specs import build_backstore, lun_thin, parse_lun_spec
 from sgtarget.datapath import Pool
 from sgtarget.scsi.constants import Status
 from sgtarget.scsi.lu import COMMANDS, LogicalUnit
@@ -25,6 +28,7 @@ from sgtarget.scsi.provisioning import (
 )
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline
+from sgtarget.server.target import LunOptions, TargetConfig, TargetServer
 
 from .scsi_fakes import MemBackstore, run
 
@@ -541,3 +545,60 @@ def test_unmap_on_sparse_file_frees_blocks(tmp_path: Path, pool: Pool) -> None:
         assert os.stat(path).st_blocks * 512 <= 64 * 1024
     finally:
         bs.close()
+
+
+# ---- the thin LUN key ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "thin"),
+    [
+        ("ram:size=1M", False),
+        ("ram:size=1M,thin=1", True),
+        ("ram:size=1M,thin=YES", True),
+        ("ram:thin=true,size=1M", True),
+        ("ram:size=1M,thin=0", False),
+        ("ram:size=1M,thin=no", False),
+        ("file:/x.img,size=1G,thin=false", False),
+    ],
+)
+def test_thin_key(text: str, thin: bool) -> None:
+    spec = parse_lun_spec(text)
+    assert "thin" not in spec.params  # never reaches the backstore factory
+    assert lun_thin(spec) is thin
+
+
+def test_thin_key_errors() -> None:
+    with pytest.raises(ValueError, match=r"thin='maybe' is not one of 1, yes, true") as info:
+        lun_thin(parse_lun_spec("ram:size=1M,thin=maybe"))
+    assert str(info.value).startswith("invalid LUN spec 'ram:size=1M,thin=maybe': ")
+    with pytest.raises(ValueError, match="unknown key 'thick'"):
+        build_backstore(parse_lun_spec("ram:size=1M,thick=1"))
+
+
+def test_cli_rejects_bad_thin_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "never.img"
+    assert cli_main(["serve", "--lun", f"file:{path},size=1M,thin=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "thin='2' is not one of" in err
+    assert not path.exists()  # the LUN key is checked before the file is created
+
+
+def test_target_server_passes_thin() -> None:
+    config = TargetConfig(
+        backstores=[RamBackstore(1 << 20), RamBackstore(1 << 20)],
+        lun_options=[LunOptions(thin=True)],
+        pool_size=1 << 20,
+    )
+    server = TargetServer(config)
+    try:
+        assert server.scsi.luns[0].thin
+        assert not server.scsi.luns[1].thin  # missing options: defaults
+    finally:
+        server.executor.shutdown()
+        server.pool.close()
+        for b in config.backstores:
+            b.close()

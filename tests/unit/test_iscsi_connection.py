@@ -807,3 +807,16 @@ def test_immediate_data_is_not_held_up_behind_this_connections_own_windows() -> 
     assert not blocked(peer)
     assert pool.stats.unsolicited_dropped == 1
     hog.release()
+
+
+def test_asking_for_dropped_unsolicited_bytes_fails_loudly_instead_of_hanging() -> None:
+    peer = logged_in(WRITE_KEYS)
+    peer.scsi_command(b"\x2a" + bytes(9), edtl=4096, write=True, data=bytes(4096))
+    (ready,) = peer.ready_commands()
+    head = peer.conn.request_data(ready.command, 0, 8)  # truncates the unsolicited window
+    assert head is not None
+    head.release()
+    with pytest.raises(RuntimeError, match="unsolicited"):
+        peer.conn.request_data(ready.command, 8, 4088)
+    peer.conn.complete(ready.command)
+    assert peer.pool.stats.blocks_in_use == 0

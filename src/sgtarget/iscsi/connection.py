@@ -950,7 +950,9 @@ class Connection:
         end = cmd.write_edtl
         if cmd.transfer_length:
             end = min(end, cmd.transfer_length)
-        if nxt < end and wr.want and not self.pool.under_pressure():
+        # Only solicitable bytes are prefetched: unsolicited ones come on their own or not at
+        # all (after a shorter first request cut their window, see ``request_data``).
+        if wr.unsol_expected <= nxt < end and wr.want and not self.pool.under_pressure():
             new = self.pool.try_alloc_upto(min(wr.want, end - nxt, self._solicit_cap()))
             if new is not None:
                 wr.rx_sg = new
@@ -971,7 +973,9 @@ class Connection:
         we could allocate, so a large write streams through whatever memory there is. An empty
         list means no more data will come (the initiator's expected length is used up).
 
-        Windows must be requested in ascending order. Raises ``PoolExhausted`` when not even
+        Windows must be requested in ascending order, and the unsolicited part (immediate
+        data up to FirstBurstLength) in the first one: a shorter first request truncates it.
+        Raises ``PoolExhausted`` when not even
         one block is free (the caller may wait for memory and ask again),
         ``UnsolicitedDropped`` when the command's unsolicited data could not be kept, and
         ``CommandAborted`` once the command is aborted or its connection gone.
@@ -993,6 +997,14 @@ class Connection:
                 wr.rx_len = length
                 wr.rx_have = min(wr.rx_have, length)
         else:
+            if offset < wr.r2t_next and offset < wr.unsol_expected:
+                # Unsolicited bytes cannot be solicited again, and a window cut short by an
+                # earlier, smaller request gave its tail back: fail loudly instead of
+                # waiting for data that will never come.
+                raise RuntimeError(
+                    f"ITT {cmd.itt:#x}: Data-Out [{offset}, +{length}) was unsolicited and "
+                    "is no longer held; request unsolicited data in one window"
+                )
             if wr.rx_sg is not None:
                 self._detach_rx(cmd)
                 wr.rx_sg.release()

@@ -38,6 +38,7 @@ SUITES = [
     "SCSI.ReadDefectData10",
     "SCSI.ReadDefectData12",
     "SCSI.ReportSupportedOpcodes",
+    "SCSI.CompareAndWrite",
     # Reservations (several open a second session to the same target).
     "SCSI.PrinReadKeys",
     "SCSI.PrinServiceactionRange",
@@ -64,6 +65,8 @@ THIN_SUITES = [
     "SCSI.GetLBAStatus",
     "SCSI.Inquiry",
     "SCSI.ReadCapacity16",
+    # Its InvalidDataOutSize test only runs on a thin LUN.
+    "SCSI.CompareAndWrite",
 ]
 
 

@@ -159,8 +159,9 @@ NAA = bytes.fromhex("6000000faada340b039cc39fa3137de1")
         ),
         (
             0xB0,
-            # MAXIMUM WRITE SAME LENGTH 0xFFFF (no UNMAP limits: LUN 0 is not thin).
-            bytes.fromhex("00 b0 003c 00 00 0001 00004000 00000800")
+            # MAXIMUM COMPARE AND WRITE LENGTH 255, MAXIMUM WRITE SAME LENGTH 0xFFFF (no
+            # UNMAP limits: LUN 0 is not thin).
+            bytes.fromhex("00 b0 003c 00 ff 0001 00004000 00000800")
             + bytes(20)
             + bytes.fromhex("000000000000ffff")
             + bytes(20),
@@ -994,3 +995,40 @@ def test_prefetch_checks_the_range_and_warms_the_backstore(
     task, _ = run(ready, pool, bytes([0x90, 0, *(5).to_bytes(8, "big"), 0, 0, 0, 0, 0, 0]))
     good(task)  # zero blocks: nothing to warm
     assert warmed == [(8 * BS, 4 * BS)]
+
+
+def caw(lba: int, nblocks: int, flags: int = 0) -> bytes:
+    return bytes([0x89, flags, *lba.to_bytes(8, "big"), 0, 0, 0, nblocks, 0, 0])
+
+
+def test_compare_and_write_writes_only_when_the_blocks_match(
+    ready: ScsiTarget, pool: Pool, store: MemBackstore
+) -> None:
+    old, new = pattern(2 * BS, seed=3), pattern(2 * BS, seed=4)
+    store.data[4 * BS : 6 * BS] = old
+    task, _ = run(ready, pool, caw(4, 2), data_out=old + new)
+    good(task)
+    assert store.data[4 * BS : 6 * BS] == new
+    # The medium now holds ``new``: comparing against ``old`` miscompares, nothing written.
+    wrong = bytearray(old)
+    task, _ = run(ready, pool, caw(4, 2), data_out=bytes(wrong) + pattern(2 * BS, seed=5))
+    assert sense_of(task) == (0x0E, 0x1D, 0x00)
+    first = next(i for i in range(2 * BS) if old[i] != new[i])
+    assert int.from_bytes(task.sense[3:7], "big") == first
+    assert store.data[4 * BS : 6 * BS] == new
+
+
+def test_compare_and_write_field_errors(ready: ScsiTarget, pool: Pool) -> None:
+    task, ch = run(ready, pool, caw(0, 0), edtl=0)
+    good(task)
+    assert ch.receives == []
+    task, _ = run(ready, pool, caw(NBLOCKS - 1, 2), data_out=bytes(4 * BS))
+    assert sense_of(task) == (0x05, 0x21, 0x00)
+    task, _ = run(ready, pool, caw(0, 1, 0x20), data_out=bytes(2 * BS))
+    assert sense_of(task) == (0x05, 0x24, 0x00)
+    task, ch = run(ready, pool, caw(0, 2), data_out=bytes(2 * BS))  # half the Data-Out
+    assert sense_of(task) == (0x05, 0x24, 0x00)
+    assert ch.receives == []
+    task, ch = run(ready, pool, caw(0, 0), data_out=bytes(2 * BS))  # 256 wrapped to 0
+    assert sense_of(task) == (0x05, 0x24, 0x00)
+    assert ch.receives == []

@@ -133,7 +133,7 @@ def test_vpd_block_limits_thin(target: ScsiTarget, pool: Pool) -> None:
     task, ch = run(target, pool, bytes([0x12, 0x01, 0xB0, 0x01, 0x00, 0]))
     good(task)
     assert bytes(ch.data_in) == (
-        bytes.fromhex("00 b0 003c 00 00 0001 00004000 00000800 00000000")
+        bytes.fromhex("00 b0 003c 00 ff 0001 00004000 00000800 00000000")
         + bytes.fromhex("00100000 00000100 00000001 00000000 000000000000ffff")
         + bytes(20)
     )

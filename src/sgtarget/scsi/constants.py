@@ -32,6 +32,7 @@ class Opcode(enum.IntEnum):
     PERSISTENT_RESERVE_OUT = 0x5F
     READ_16 = 0x88
     WRITE_16 = 0x8A
+    COMPARE_AND_WRITE = 0x89
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
     PRE_FETCH_16 = 0x90

@@ -13,6 +13,7 @@ scatter lists from the transport's pool, so an 8 MiB command holds at most 1 MiB
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import struct
@@ -289,6 +290,9 @@ class LogicalUnit:
         tail = int.from_bytes(digest[16:29], "big") >> 4  # 100 bits
         self.naa = ((0x6 << 124) | (NAA_COMPANY_ID << 100) | tail).to_bytes(16, "big")
         self._directory: LunDirectory | None = None
+        #: Serialises COMPARE AND WRITE on this LU (made per event loop, on first use).
+        self._caw_lock: asyncio.Lock | None = None
+        self._caw_loop: asyncio.AbstractEventLoop | None = None
         self._nexuses: dict[str, _NexusState] = {}
         # File backstores name their image; APTPL state is kept beside it.
         path = getattr(backstore, "path", None)
@@ -532,6 +536,7 @@ class LogicalUnit:
     def _vpd_block_limits(self) -> bytes:
         body = bytearray(0x3C)
         # Offsets below are page offsets minus the 4-byte header.
+        body[1] = MAX_COMPARE_AND_WRITE_BLOCKS  # MAXIMUM COMPARE AND WRITE LENGTH
         _U16.pack_into(body, 2, 1)  # OPTIMAL TRANSFER LENGTH GRANULARITY
         _U32.pack_into(body, 4, self.max_transfer_blocks)  # MAXIMUM TRANSFER LENGTH
         _U32.pack_into(body, 8, IO_WINDOW // self.block_size)  # OPTIMAL TRANSFER LENGTH
@@ -705,6 +710,63 @@ class LogicalUnit:
             data = bytes([0, fmt, 0, 0, 0, 0, 0, 0])
             alloc = u32(cdb, 6)
         await send_reply(cmd, data, alloc)
+
+    def _compare_and_write_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._caw_lock is None or self._caw_loop is not loop:
+            self._caw_lock, self._caw_loop = asyncio.Lock(), loop
+        return self._caw_lock
+
+    async def _cmd_compare_and_write(self, cmd: Cmd) -> None:
+        """COMPARE AND WRITE (SBC-4 5.3): compare N blocks, write N blocks if they matched.
+
+        The Data-Out buffer holds the verify instance then the write instance. The read,
+        compare and write run under a per-LU lock, so concurrent COMPARE AND WRITEs (the
+        multipath locking idiom) are atomic with respect to each other.
+        """
+        task, cdb = cmd.task, cmd.cdb
+        if cdb[1] & 0xE0:
+            raise CheckCondition.invalid_field(1, 7)  # WRPROTECT: no protection information
+        lba = int.from_bytes(cdb[2:10], "big")
+        nblocks = cdb[13]
+        bs = self.block_size
+        half = nblocks * bs
+        task.transfer_length = 2 * half
+        if nblocks > MAX_COMPARE_AND_WRITE_BLOCKS:
+            raise CheckCondition.invalid_field(13)
+        self._check_range(lba, nblocks)
+        if task.expected_length != 2 * half:
+            # Both instances or nothing: a Data-Out of another size (also with NUMBER OF
+            # LOGICAL BLOCKS 0, e.g. a 256-block request wrapped to 0) is refused, as LIO does.
+            raise CheckCondition.invalid_field(13)
+        if nblocks == 0:
+            return
+        # One receive for both halves: unsolicited data must be asked for in one window.
+        sent = await self._receive(cmd, 0, 2 * half)
+        if sent is None:
+            return
+        try:
+            async with self._compare_and_write_lock():
+                medium = await cmd.channel.alloc(half)
+                try:
+                    await self._read_into(medium, lba * bs, half, cmd.channel)
+                    at = _first_difference(sent.to_bytes(0, half), medium.to_bytes(0, half))
+                    if at is not None:
+                        raise CheckCondition.of(
+                            SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, information=at
+                        )
+                    # The write instance sits behind the verify one in the same list; the
+                    # backstore takes lists from their start, so it moves (a small copy).
+                    medium.copy_in(
+                        sent.to_bytes(half, half), reason="compare-and-write", direction="in"
+                    )
+                    await self._write_from(medium, lba * bs, half, cmd.channel)
+                finally:
+                    medium.release()
+        finally:
+            sent.release()
+        if cdb[1] & 0x08:  # FUA
+            await self._flush()
 
     async def _cmd_synchronize_cache(self, cmd: Cmd) -> None:
         blk = decode_block(cmd.cdb)
@@ -938,6 +1000,10 @@ class LogicalUnit:
             off += n
 
 
+#: VPD B0 MAXIMUM COMPARE AND WRITE LENGTH (a one-byte CDB field caps it at 255).
+MAX_COMPARE_AND_WRITE_BLOCKS = 255
+
+
 def _first_difference(a: bytes, b: bytes) -> int | None:
     if a == b:
         return None
@@ -1040,6 +1106,9 @@ COMMANDS = OpcodeTable(
                     _usage(0x88, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30),
         CommandSpec(Opcode.WRITE_16, None, "WRITE(16)",
                     _usage(0x8A, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30),
+        CommandSpec(Opcode.COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
+                    _usage(0x89, 0x18, *_FF8, 0, 0, 0, 0xFF, 0x3F, 0),
+                    _L._cmd_compare_and_write, timeout=30),
         CommandSpec(Opcode.WRITE_AND_VERIFY_16, None, "WRITE AND VERIFY(16)",
                     _usage(0x8E, 0x12, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
                     timeout=30),

@@ -39,9 +39,6 @@ class PoolExhausted(Exception):
     """Raised by callers that cannot wait for blocks; maps to TASK SET FULL."""
 
 
-PoolStats = DataPathStats
-
-
 class Pool:
     """A budgeted arena of ``size`` bytes split into blocks of ``block_size`` bytes."""
 
@@ -72,7 +69,7 @@ class Pool:
         self._map = bytearray(self.nblocks)
         # Search the first blocks only until demand pushes past them.
         self._thresh = min(self.nblocks, _MIN_THRESH)
-        self.stats = PoolStats()
+        self.stats = DataPathStats()
         #: Blocks only ``try_alloc(..., reserve=True)`` may take (unsolicited data).
         self.reserve_blocks = 0
         #: Called after blocks are freed (the server wakes allocations waiting for memory).

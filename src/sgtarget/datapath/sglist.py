@@ -174,13 +174,6 @@ class SGIter:
             raise ValueError(f"cannot revert {n} bytes from position {self.pos}")
         self.pos -= n
 
-    def next_views(self, n: int) -> list[memoryview]:
-        """Views of the next ``n`` bytes (fewer at the end), advancing past them."""
-        n = min(n, self.remaining)
-        views = self.sg.views(self.pos, n)
-        self.pos += n
-        return views
-
     def copy_in(self, data: BytesLike) -> int:
         n = self.sg.copy_in(data, self.pos)
         self.pos += n

@@ -42,7 +42,7 @@ from sgtarget.iscsi.session import (
     TargetDirectory,
     WriteState,
 )
-from sgtarget.scsi.constants import Asc, SenseKey
+from sgtarget.scsi.constants import Asc, SenseKey, Status
 from sgtarget.scsi.sense import SenseData
 from sgtarget.scsi.task import DataDirection, Nexus
 
@@ -53,9 +53,6 @@ LOGIN_MAX_DATA = 8192
 #: Largest text a Text/Login exchange may accumulate over continued PDUs.
 MAX_TEXT = 64 * 1024
 _SINK_SIZE = 64 * 1024
-SCSI_STATUS_GOOD = 0
-SCSI_STATUS_CHECK_CONDITION = 2
-SCSI_STATUS_TASK_SET_FULL = 0x28
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -1142,10 +1139,10 @@ class Connection:
         session.return_slot(cmd)
 
     def _send_status(self, session: Session, cmd: Command) -> None:
-        if cmd.status == SCSI_STATUS_TASK_SET_FULL:
+        if cmd.status == Status.TASK_SET_FULL:
             self.pool.stats.task_set_full += 1
         if cmd.data_error is not None:
-            cmd.status = SCSI_STATUS_CHECK_CONDITION
+            cmd.status = Status.CHECK_CONDITION
             cmd.sense = cmd.data_error
         edtl = cmd.expected_length
         spdtl = cmd.transfer_length
@@ -1157,7 +1154,7 @@ class Connection:
         elif spdtl < edtl:
             flags = pdu.F_UNDERFLOW
             residual = edtl - spdtl
-        good = cmd.status == SCSI_STATUS_GOOD and not cmd.sense
+        good = cmd.status == Status.GOOD and not cmd.sense
         if cmd.held_sg is not None and cmd.held_views is not None:
             # The last Data-In: with the status folded in when it is GOOD (RFC 7143 §11.7.4).
             n = sum(len(v) for v in cmd.held_views)

@@ -27,8 +27,6 @@ RESERVED_TAG = 0xFFFFFFFF
 
 #: (b0, b1, b2, b3, ahs_dsl, lun, itt, w5, w6, w7, w8, w9, w10, w11)
 BHS = struct.Struct(">BBBBIQIIIIIIII")
-_U16X2 = struct.Struct(">HH")
-_U32 = struct.Struct(">I")
 
 
 class Opcode(enum.IntEnum):
@@ -350,11 +348,3 @@ def build_login_response(
 def sense_segment(sense: bytes) -> bytes:
     """SCSI Response data segment: 2-byte SenseLength then the sense data (§11.4.7)."""
     return len(sense).to_bytes(2, "big") + sense
-
-
-def u16x2(a: int, b: int) -> int:
-    return int.from_bytes(_U16X2.pack(a, b), "big")
-
-
-def u32_bytes(value: int) -> bytes:
-    return _U32.pack(value)

@@ -658,13 +658,9 @@ class LogicalUnit:
         if n != PROUT_PARAM_LEN:
             # Checked before receiving: a huge length must not make us buffer it.
             raise CheckCondition.illegal(Asc.PARAMETER_LIST_LENGTH_ERROR)
-        sg = await self._receive(cmd, 0, n)
-        if sg is None:
+        params = await self._receive_bytes(cmd, n)
+        if params is None:
             return
-        try:
-            params = sg.to_bytes(0, n)
-        finally:
-            sg.release()
         self.reservations.persistent_reserve_out(cmd.cdb, cmd.nexus_key, params)
 
     async def _cmd_start_stop_unit(self, cmd: Cmd) -> None:
@@ -838,6 +834,16 @@ class LogicalUnit:
             sg.release()
             raise
 
+    async def _receive_bytes(self, cmd: Cmd, n: int) -> bytes | None:
+        """A small Data-Out buffer (one block, a parameter list) as bytes; None if aborted."""
+        sg = await self._receive(cmd, 0, n)
+        if sg is None:
+            return None
+        try:
+            return sg.to_bytes(0, n)
+        finally:
+            sg.release()
+
     async def _write_blocks(self, cmd: Cmd, lba: int, nblocks: int) -> bool:
         """Receive ``nblocks`` of Data-Out and store them at ``lba``; False if aborted."""
         bs = self.block_size
@@ -967,13 +973,9 @@ class LogicalUnit:
     async def _verify_same(self, cmd: Cmd, blk: BlockCdb) -> None:
         """BYTCHK 11b: one block was sent; every block in the range must equal it."""
         bs = self.block_size
-        sent = await self._receive(cmd, 0, bs)
-        if sent is None:
+        pattern = await self._receive_bytes(cmd, bs)
+        if pattern is None:
             return
-        try:
-            pattern = sent.to_bytes(0, bs)
-        finally:
-            sent.release()
         total = blk.length * bs
         base = blk.lba * bs
         window = max(bs, IO_WINDOW - IO_WINDOW % bs)

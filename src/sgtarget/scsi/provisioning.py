@@ -138,13 +138,10 @@ async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
         raise CheckCondition(_PARAM_LIST_LENGTH)
     # One receive for the whole list (at most 64 KiB, the field is 16 bits): the transport
     # wants Data-Out windows in ascending order and a window cut short loses its tail.
-    sg = await lu._receive(cmd, 0, param_len)
-    if sg is None:
+    received = await lu._receive_bytes(cmd, param_len)
+    if received is None:
         return
-    try:
-        data = sg.to_bytes(0, param_len)
-    finally:
-        sg.release()
+    data = received
     count = unmap_descriptor_count(data, param_len)
     start = _HDR.size
     data = data[start : start + count * _UNMAP_DESC.size]
@@ -197,13 +194,9 @@ async def cmd_write_same(lu: LogicalUnit, cmd: Cmd) -> None:
         # Exactly one block of Data-Out: a shorter or longer buffer is not "the same block".
         if task.expected_length != bs:
             raise CheckCondition(_BAD_IU)
-        sg = await lu._receive(cmd, 0, bs)
-        if sg is None:
+        pattern = await lu._receive_bytes(cmd, bs)
+        if pattern is None:
             return
-        try:
-            pattern = sg.to_bytes(0, bs)
-        finally:
-            sg.release()
     base = blk.lba * bs
     total = nblocks * bs
     if unmap:

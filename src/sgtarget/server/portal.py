@@ -32,6 +32,8 @@ from sgtarget.iscsi.connection import (
     UnsolicitedDropped,
 )
 from sgtarget.iscsi.session import Command, Session
+from sgtarget.scsi.constants import Asc, SenseKey, Status
+from sgtarget.scsi.sense import SenseData
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.server.memory import UNSOLICITED_WAIT
 from sgtarget.server.sender import ZeroCopyWriter
@@ -283,7 +285,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             pass
         except Exception:
             log.exception("command %#x failed unexpectedly", cmd.itt)
-            cmd.task.status = 0x02
+            cmd.task.status = Status.CHECK_CONDITION
             cmd.task.sense = _INTERNAL_FAILURE_SENSE
         finally:
             self.running.pop(cmd.itt, None)
@@ -368,4 +370,4 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
 
 # HARDWARE ERROR / INTERNAL TARGET FAILURE, fixed format.
-_INTERNAL_FAILURE_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0, 0, 0, 0, 0])
+_INTERNAL_FAILURE_SENSE = SenseData(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE).fixed()

@@ -149,11 +149,14 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> Non
 class SgTarget:
     """A private ``sgtarget serve`` on 127.0.0.1:PORT with one file LUN; stopped with SIGTERM."""
 
-    def __init__(self, lun_spec: str, *, pool: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, lun_spec: str, *, pool: str | None = None, portals: int = 1) -> None:
+        self.ports = [free_port() for _ in range(portals)]
+        self.port = self.ports[0]
         self.lun_spec = lun_spec
         self.pool = pool
-        self.url = f"iscsi://127.0.0.1:{self.port}/{SG_IQN}/0"
+        #: One URL per portal (several portals serve the same LUN: multipath).
+        self.urls = [f"iscsi://127.0.0.1:{p}/{SG_IQN}/0" for p in self.ports]
+        self.url = self.urls[0]
         self._logdir = tempfile.TemporaryDirectory(prefix="sgtarget-bench-")
         self._out = Path(self._logdir.name) / "stdout"
         self._err = Path(self._logdir.name) / "stderr"
@@ -167,7 +170,9 @@ class SgTarget:
         return self.proc.pid
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "sgtarget", "serve", "--portal", f"127.0.0.1:{self.port}"]
+        cmd = [sys.executable, "-m", "sgtarget", "serve"]
+        for port in self.ports:
+            cmd += ["--portal", f"127.0.0.1:{port}"]
         cmd += ["--lun", self.lun_spec, "--nop-interval", "0"]
         if self.pool:
             cmd += ["--pool", self.pool]
@@ -184,9 +189,10 @@ class SgTarget:
         else:
             self.kill()
             raise BenchError("sgtarget printed no banner within 30 s")
-        if not wait_port(self.port, deadline):
-            self.kill()
-            raise BenchError(f"sgtarget is not accepting on port {self.port}")
+        for port in self.ports:
+            if not wait_port(port, deadline):
+                self.kill()
+                raise BenchError(f"sgtarget is not accepting on port {port}")
 
     def stderr(self) -> str:
         return self._err.read_text(errors="replace")
@@ -247,12 +253,23 @@ def _free_control_port() -> int:
 class TgtTarget:
     """A private tgtd (foreground, own iSCSI and control port) with the file as LUN 1."""
 
-    def __init__(self, path: Path, *, bstype: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        path: Path,
+        *,
+        bstype: str | None = None,
+        params: str | None = None,
+        portals: int = 1,
+    ) -> None:
+        self.ports = [free_port() for _ in range(portals)]
+        self.port = self.ports[0]
         self.control = _free_control_port()
         self.path = path
         self.bstype = bstype
-        self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"
+        #: tgtadm logical-unit parameters, e.g. "readonly=1" or "thin_provisioning=1".
+        self.params = params
+        self.urls = [f"iscsi://127.0.0.1:{p}/{TGT_IQN}/1" for p in self.ports]
+        self.url = self.urls[0]
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tgtd-bench-", suffix=".log")  # noqa: SIM115
         self.name = "tgt"
@@ -295,12 +312,21 @@ class TgtTarget:
         if self.bstype:
             lun += ["--bstype", self.bstype]
         self._adm_ok(*lun)
+        if self.params:
+            lun_id = ["--tid", "1", "--lun", "1", "--params", self.params]
+            self._adm_ok("--lld", "iscsi", "--op", "update", "--mode", "logicalunit", *lun_id)
+        for port in self.ports[1:]:
+            self._adm_ok(
+                "--lld", "iscsi", "--op", "new", "--mode", "portal",
+                "--param", f"portal=127.0.0.1:{port}",
+            )  # fmt: skip
         self._adm_ok(
             "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"
         )
-        if not wait_port(self.port, deadline):
-            self.kill()
-            raise BenchError("tgtd is not accepting connections")
+        for port in self.ports:
+            if not wait_port(port, deadline):
+                self.kill()
+                raise BenchError(f"tgtd is not accepting connections on port {port}")
         ls = subprocess.run(
             ["iscsi-ls", "-s", f"iscsi://127.0.0.1:{self.port}"],
             capture_output=True,

@@ -1,0 +1,290 @@
+"""libiscsi's conformance suite (iscsi-test-cu) over three LUN profiles, sgtarget beside tgt.
+
+    python -m benchmarks.conformance [--no-tgt] [--logs DIR]
+
+Each target is run in three profiles, a fresh process and a fresh sparse 256 MiB file each:
+
+- ``thin``: thin-provisioned LUN, ``ALL`` with ``--dataloss --allow-sanitize``, and a second
+  portal of the same target given as the multipath URL (the MultipathIO tests need it);
+- ``removable``: removable-medium LUN, ``ALL`` with ``--dataloss``;
+- ``readonly``: write-protected LUN, the suites that are about write protection plus those that
+  only read (every other suite writes, and a write-protected LUN must refuse those writes).
+
+Each log is scored the way ``shared/tools/cu_score.py`` scores it (a test with "FAILED" anywhere
+in its output failed, else with "SKIPPED" it was skipped, else with "passed" it passed), and the
+profiles are combined: a test passed if it passed in some profile and failed in none, failed if
+it failed in any. CUnit's own verdict (its Run Summary) is printed as well: it differs where the
+tool logs "[FAILED]" lines for failures a test expects, or where a suite's cleanup fails after
+the last test has passed (cu_score then charges the test). Exit status 0 when sgtarget's combined
+score has no failure and no skip, 1 otherwise, 2 when a tool is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import BenchError, SgTarget, TgtTarget, print_table, require
+
+MiB = 1024 * 1024
+LUN_SIZE = 256 * MiB
+#: A full ALL run takes under a minute against sgtarget; tgt waits out timeouts in some tests.
+RUN_TIMEOUT = 1200.0
+
+#: Suites that only read, so a write-protected LUN must pass them as any other LUN does.
+READONLY_SUITES = (
+    "ALL.ReadOnly",
+    "ALL.Inquiry",
+    "ALL.TestUnitReady",
+    "ALL.ReadCapacity10",
+    "ALL.ReadCapacity16",
+    "ALL.ModeSense6",
+    "ALL.ReportSupportedOpcodes",
+    "ALL.Read6",
+    "ALL.Read10",
+    "ALL.Read12",
+    "ALL.Read16",
+    "ALL.Verify10",
+    "ALL.Verify12",
+    "ALL.Verify16",
+    "ALL.Prefetch10",
+    "ALL.Prefetch16",
+    "ALL.ReadDefectData10",
+    "ALL.ReadDefectData12",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    #: Appended to sgtarget's ``--lun file:PATH,size=SIZE``.
+    sg_keys: str
+    #: tgtadm logical-unit ``--params`` for the same profile.
+    tgt_params: str | None
+    tests: tuple[str, ...]
+    flags: tuple[str, ...]
+    portals: int = 1
+
+
+PROFILES = (
+    Profile(
+        "thin", "thin=1", "thin_provisioning=1", ("ALL",), ("--dataloss", "--allow-sanitize"), 2
+    ),
+    Profile("removable", "removable=1", "removable=1", ("ALL",), ("--dataloss",)),
+    Profile("readonly", "readonly=1", "readonly=1", READONLY_SUITES, ("--dataloss",)),
+)
+
+Verdict = str  # "passed" | "skipped" | "failed"
+
+
+@dataclass
+class CUnitSummary:
+    ran: int = 0
+    passed: int = 0
+    failed: int = 0
+    asserts_failed: int = 0
+
+
+@dataclass
+class ProfileResult:
+    profile: Profile
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    cunit: CUnitSummary = field(default_factory=CUnitSummary)
+    logs: list[Path] = field(default_factory=list)
+    error: str = ""
+
+    def count(self, verdict: Verdict) -> int:
+        return sum(1 for v in self.verdicts.values() if v == verdict)
+
+
+def score_log(text: str) -> dict[str, Verdict]:
+    """Per ``Suite.Test``, the verdict by cu_score.py's rule (same splitting, same order)."""
+    verdicts: dict[str, Verdict] = {}
+    for chunk in re.split(r"\nSuite: ", text)[1:]:
+        suite = chunk.split("\n", 1)[0].strip()
+        for t in re.split(r"\n\s*Test: ", chunk)[1:]:
+            name = t.split(" ", 1)[0].strip().rstrip(".")
+            body = t.split("\n  Test:")[0]
+            if "FAILED" in body:
+                verdict = "failed"
+            elif "SKIPPED" in body:
+                verdict = "skipped"
+            elif "passed" in body:
+                verdict = "passed"
+            else:
+                verdict = "failed"  # no verdict at all: the tool crashed or hung in the test
+            verdicts[f"{suite}.{name}"] = verdict
+    return verdicts
+
+
+def cunit_summary(text: str) -> CUnitSummary:
+    tests = re.search(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", text, re.M)
+    asserts = re.search(r"^\s+asserts\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+n/a\s*$", text, re.M)
+    if tests is None or asserts is None:
+        return CUnitSummary(failed=-1)  # no Run Summary: the tool died
+    return CUnitSummary(
+        ran=int(tests.group(2)),
+        passed=int(tests.group(3)),
+        failed=int(tests.group(4)),
+        asserts_failed=int(asserts.group(4)),
+    )
+
+
+def combine(results: Sequence[ProfileResult]) -> dict[str, Verdict]:
+    """Passed if passed in some profile and failed in none; failed if failed in any."""
+    combined: dict[str, Verdict] = {}
+    for result in results:
+        for test, verdict in result.verdicts.items():
+            before = combined.get(test)
+            if before == "failed" or verdict == "failed":
+                combined[test] = "failed"
+            elif before == "passed" or verdict == "passed":
+                combined[test] = "passed"
+            else:
+                combined[test] = "skipped"
+    return combined
+
+
+def run_cu(urls: Sequence[str], profile: Profile, logdir: Path, tag: str) -> ProfileResult:
+    result = ProfileResult(profile)
+    for i, test in enumerate(profile.tests):
+        log = logdir / f"{tag}-{profile.name}-{i:02d}-{test}.log"
+        argv = ["iscsi-test-cu", f"--test={test}", *profile.flags, *urls]
+        with log.open("w") as out:
+            out.write(f"$ {' '.join(argv)}\n")
+            out.flush()
+            try:
+                subprocess.run(
+                    argv, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT, check=False
+                )
+            except subprocess.TimeoutExpired:
+                result.error = f"{test}: iscsi-test-cu killed after {RUN_TIMEOUT:.0f} s"
+        text = log.read_text(errors="replace")
+        result.logs.append(log)
+        result.verdicts.update(score_log(text))
+        summary = cunit_summary(text)
+        if summary.failed < 0:
+            result.error = result.error or f"{test}: no CUnit Run Summary (see {log})"
+        else:
+            result.cunit.ran += summary.ran
+            result.cunit.passed += summary.passed
+            result.cunit.failed += summary.failed
+            result.cunit.asserts_failed += summary.asserts_failed
+    return result
+
+
+@contextlib.contextmanager
+def _image(directory: Path, name: str) -> Iterator[Path]:
+    path = directory / name
+    with path.open("wb") as f:
+        f.truncate(LUN_SIZE)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        for sidecar in directory.glob(f"{name}.*"):
+            sidecar.unlink(missing_ok=True)
+
+
+def run_sgtarget(profile: Profile, workdir: Path, logdir: Path) -> ProfileResult:
+    with _image(workdir, f"sg-{profile.name}.img") as path:
+        spec = f"file:{path},size={LUN_SIZE},{profile.sg_keys}"
+        with SgTarget(spec, portals=profile.portals) as target:
+            return run_cu(target.urls, profile, logdir, "sgtarget")
+
+
+def run_tgt(profile: Profile, workdir: Path, logdir: Path) -> ProfileResult:
+    with (
+        _image(workdir, f"tgt-{profile.name}.img") as path,
+        TgtTarget(path, params=profile.tgt_params, portals=profile.portals) as target,
+    ):
+        return run_cu(target.urls, profile, logdir, "tgt")
+
+
+def _score(verdicts: dict[str, Verdict]) -> str:
+    values = list(verdicts.values())
+    return "/".join(str(values.count(v)) for v in ("passed", "skipped", "failed"))
+
+
+def report(name: str, results: Sequence[ProfileResult]) -> dict[str, Verdict]:
+    combined = combine(results)
+    for verdict in ("failed", "skipped"):
+        names = sorted(t for t, v in combined.items() if v == verdict)
+        if names:
+            print(f"{name} combined {verdict} ({len(names)}): {' '.join(names)}")
+    for r in results:
+        if r.error:
+            print(f"{name} {r.profile.name}: {r.error}")
+    return combined
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.conformance", description=__doc__)
+    ap.add_argument("--no-tgt", action="store_true", help="run sgtarget only")
+    ap.add_argument("--logs", type=Path, help="keep the iscsi-test-cu logs in this directory")
+    ap.add_argument("--dir", default="/var/tmp", help="where the sparse LUN files live")
+    ap.add_argument(
+        "--profile",
+        action="append",
+        choices=[p.name for p in PROFILES],
+        help="run only these profiles (default: all three)",
+    )
+    args = ap.parse_args(argv)
+    tools = ["iscsi-test-cu"] + ([] if args.no_tgt else ["tgtd", "tgtadm", "iscsi-ls"])
+    require(*tools)
+    profiles = [p for p in PROFILES if not args.profile or p.name in args.profile]
+
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir)))
+        if args.logs:
+            logdir = args.logs
+            logdir.mkdir(parents=True, exist_ok=True)
+        else:
+            logdir = Path(tempfile.mkdtemp(prefix="sgtarget-conformance-"))
+        runners = [("sgtarget", run_sgtarget)] + ([] if args.no_tgt else [("tgt", run_tgt)])
+        results: dict[str, list[ProfileResult]] = {name: [] for name, _ in runners}
+        try:
+            for profile in profiles:
+                for name, runner in runners:
+                    print(f"running {name} / {profile.name} ...", flush=True)
+                    results[name].append(runner(profile, work, logdir))
+        except BenchError as e:
+            print(f"conformance: {e}", file=sys.stderr)
+            return 1
+
+    rows: list[list[object]] = []
+    for i, profile in enumerate(profiles):
+        row: list[object] = [
+            profile.name,
+            " ".join(profile.tests[:1]) + (" ..." * (len(profile.tests) > 1)),
+        ]
+        for name, _ in runners:
+            r = results[name][i]
+            row += [_score(r.verdicts), f"{r.cunit.passed}/{r.cunit.ran}"]
+        rows.append(row)
+    combined = {name: report(name, rs) for name, rs in results.items()}
+    row = ["combined", ""]
+    for name, _ in runners:
+        row += [_score(combined[name]), ""]
+    rows.append(row)
+    headers: list[str] = ["profile", "tests"]
+    for name, _ in runners:
+        headers += [f"{name} p/s/f", f"{name} CUnit"]
+    print_table(headers, rows, "iscsi-test-cu, scored as cu_score.py (passed/skipped/failed)")
+    print(f"\nlogs: {logdir}")
+    sg = combined["sgtarget"]
+    clean = all(v == "passed" for v in sg.values()) and all(
+        not r.error for r in results["sgtarget"]
+    )
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The whole conformance run of benchmarks/conformance.py (sgtarget side) and its scorer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks.conformance import LOG_ARTIFACTS, Profile, ProfileResult, combine, score_log
+
+from .harness import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LOG = """\
+CUnit - A unit testing framework for C - Version 2.1-3
+
+Suite: Reserve6
+  Test: Simple ...passed
+  Test: LUNReset ...passed    [FAILED] PRIN command: failed with sense.
+Suite: iSCSIdatasn
+  Test: iSCSIDataSnInvalid ...    [FAILED] WRITE10 command failed with status 2
+passed
+Suite: OrWrite
+  Test: Simple ...    [SKIPPED] ORWRITE is not implemented.
+passed
+  Test: Verify ...    Bad block
+FAILED
+    1. test_orwrite_verify.c:89  - CU_ASSERT_EQUAL(ret,0)
+"""
+
+
+def test_score_log_follows_cu_score_and_keeps_cunit_verdict() -> None:
+    verdicts, cunit_failed = score_log(LOG)
+    assert verdicts == {
+        "Reserve6.Simple": "passed",
+        "Reserve6.LUNReset": "failed",
+        "iSCSIdatasn.iSCSIDataSnInvalid": "failed",
+        "OrWrite.Simple": "skipped",
+        "OrWrite.Verify": "failed",
+    }
+    assert cunit_failed == {"OrWrite.Verify"}
+    assert set(LOG_ARTIFACTS) == {"Reserve6.LUNReset", "iSCSIdatasn.iSCSIDataSnInvalid"}
+
+
+def test_combine_passed_somewhere_failed_nowhere() -> None:
+    def result(**verdicts: str) -> ProfileResult:
+        r = ProfileResult(Profile("p", "", None, ("ALL",), ()))
+        r.verdicts = {k.replace("_", "."): v for k, v in verdicts.items()}
+        return r
+
+    a = result(S_a="passed", S_b="skipped", S_c="skipped", S_d="passed")
+    b = result(S_a="skipped", S_b="passed", S_c="skipped", S_d="failed")
+    assert combine([a, b]) == {"S.a": "passed", "S.b": "passed", "S.c": "skipped", "S.d": "failed"}
+
+
+@pytest.mark.integration
+def test_conformance_all_profiles() -> None:
+    """iscsi-test-cu ALL in the thin (multipath, sanitize) and removable profiles and the
+    read-only profile's suites: nothing skipped, CUnit passes everything, and cu_score's
+    failures are only the two documented log artifacts (the script's exit status)."""
+    require_tool("iscsi-test-cu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.conformance", "--no-tgt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sgtarget: CLEAN" in proc.stdout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import mmap
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from sgtarget.datapath.bounce import ConsumerLimits
 
@@ -82,7 +82,17 @@ class Backstore(abc.ABC):
         return f"{self.kind} ({self.size} bytes)"
 
 
-BackstoreFactory = Callable[[dict[str, str]], Backstore]
+class BackstoreFactory(Protocol):
+    """Builds a backstore from a ``--lun`` spec's parameters.
+
+    ``readonly``: the LUN is write-protected and nothing will be written, so the storage may be
+    opened read-only (a file then needs no write permission). Kinds with nothing to open
+    ignore it; refusing writes is the SCSI layer's job either way.
+    """
+
+    def __call__(self, params: dict[str, str], /, *, readonly: bool = False) -> Backstore: ...
+
+
 _REGISTRY: dict[str, BackstoreFactory] = {}
 
 
@@ -100,14 +110,14 @@ def registered_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(kind: str, params: dict[str, str]) -> Backstore:
+def create(kind: str, params: dict[str, str], *, readonly: bool = False) -> Backstore:
     try:
         factory = _REGISTRY[kind]
     except KeyError:
         raise ValueError(
             f"unknown backstore kind {kind!r} (known: {', '.join(registered_kinds())})"
         ) from None
-    return factory(params)
+    return factory(params, readonly=readonly)
 
 
 def check_params(

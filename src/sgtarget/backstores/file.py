@@ -5,6 +5,10 @@
 ``size`` the file must exist and its size is used. An exclusive ``flock`` keeps two sgtarget
 processes from serving the same file (advisory: it does not stop other programs).
 
+``readonly=1`` (a LUN key, for write-protected LUNs) opens the file ``O_RDONLY``, so an image
+without write permission can be served; the file must then exist and is never created, grown
+or flushed.
+
 ``direct=1`` opens the file with ``O_DIRECT``: the page cache is bypassed and the pool's pages go
 to the device as they are. O_DIRECT needs aligned offsets, lengths and addresses, which the
 backstore states in ``limits``; the SCSI layer bounces the I/Os that do not fit.
@@ -64,22 +68,35 @@ class FileBackstore(Backstore):
     blocking = True
 
     def __init__(
-        self, path: str | os.PathLike[str], size: int | None = None, *, direct: bool = False
+        self,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        *,
+        direct: bool = False,
+        readonly: bool = False,
     ) -> None:
         self.path = os.fspath(path)
         self.direct = direct
+        self.readonly = readonly
         # Buffered I/O takes any buffers and readv/writev already split at IOV_MAX: no limits.
         self.limits = DIRECT_LIMITS if direct else None
         unit = DIRECT_ALIGNMENT if direct else SECTOR
         if size is not None and (size <= 0 or size % unit):
             extra = " with direct=1" if direct else ""
             raise ValueError(f"file: size {size} is not a positive multiple of {unit}{extra}")
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
+        if readonly:
+            flags = os.O_RDONLY | os.O_CLOEXEC
+        else:
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
         if direct:
             flags |= os.O_DIRECT
         try:
             fd = os.open(self.path, flags, 0o644)
         except FileNotFoundError:
+            if readonly:
+                raise ValueError(
+                    f"file: {self.path} does not exist (readonly=1 never creates it)"
+                ) from None
             if size is None:
                 raise ValueError(
                     f"file: {self.path} does not exist (give size= to create it)"
@@ -153,6 +170,11 @@ class FileBackstore(Backstore):
             raise ValueError(
                 f"file: {self.path} is {st.st_size} bytes, larger than size={size}; "
                 "refusing to shrink it"
+            )
+        if st.st_size < size and self.readonly:
+            raise ValueError(
+                f"file: {self.path} is {st.st_size} bytes, smaller than size={size}; "
+                "readonly=1 cannot grow it"
             )
         if st.st_size < size:
             try:
@@ -289,6 +311,8 @@ class FileBackstore(Backstore):
         )
 
     def flush(self) -> None:
+        if self.readonly:
+            return  # nothing was written
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
@@ -315,7 +339,7 @@ class FileBackstore(Backstore):
         return self._fd < 0
 
     def describe(self) -> str:
-        mode = ", direct I/O" if self.direct else ""
+        mode = (", direct I/O" if self.direct else "") + (", read-only" if self.readonly else "")
         return f"file {self.path} ({self.size} bytes{mode})"
 
 
@@ -370,7 +394,7 @@ def _why(exc: OSError) -> str:
 
 
 @register("file")
-def create_file(params: dict[str, str]) -> FileBackstore:
+def create_file(params: dict[str, str], /, *, readonly: bool = False) -> FileBackstore:
     check_params("file", params, ("direct", "path", "size"), required=("path",))
     size = parse_size(params["size"]) if "size" in params else None
     raw = params.get("direct", "0")
@@ -379,4 +403,4 @@ def create_file(params: dict[str, str]) -> FileBackstore:
         raise ValueError(
             f"file: direct={raw!r} is not one of {', '.join(_BOOLS)} (O_DIRECT on or off)"
         )
-    return FileBackstore(params["path"], size, direct=direct)
+    return FileBackstore(params["path"], size, direct=direct, readonly=readonly)

@@ -54,6 +54,6 @@ class NullBackstore(Backstore):
 
 
 @register("null")
-def create_null(params: dict[str, str]) -> NullBackstore:
+def create_null(params: dict[str, str], /, *, readonly: bool = False) -> NullBackstore:
     check_params("null", params, ("size",), required=("size",))
     return NullBackstore(parse_size(params["size"]))

@@ -100,6 +100,6 @@ class RamBackstore(Backstore):
 
 
 @register("ram")
-def create_ram(params: dict[str, str]) -> RamBackstore:
+def create_ram(params: dict[str, str], /, *, readonly: bool = False) -> RamBackstore:
     check_params("ram", params, ("size",), required=("size",))
     return RamBackstore(parse_size(params["size"]))

@@ -14,7 +14,7 @@ import sgtarget
 from sgtarget.cli.specs import (
     LunSpec,
     build_backstore,
-    lun_thin,
+    lun_flags,
     parse_iqn,
     parse_lun_spec,
     parse_portal,
@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_arg(parse_lun_spec, "lun"),
         metavar="SPEC",
-        help="file:PATH[,size=SIZE] | ram:size=SIZE | "
-        "null:size=SIZE, each with an optional ,thin=1 (UNMAP / thin provisioning) "
+        help="file:PATH[,size=SIZE][,direct=1] | ram:size=SIZE | null:size=SIZE, each "
+        "with optional LUN flags ,thin=1 (UNMAP / thin provisioning), ,readonly=1 "
+        "(write-protected; a file is opened read-only) and ,removable=1 (removable medium: "
+        "PREVENT ALLOW MEDIUM REMOVAL, eject/load with START STOP UNIT) "
         "(repeatable; LUNs are numbered from 0 in order)",
     )
     serve.add_argument(
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in specs:
             # LUN keys first: a bad value should not leave a file created behind it.
-            options.append(LunOptions(thin=lun_thin(spec)))
+            options.append(LunOptions(**lun_flags(spec)))
             backstores.append(build_backstore(spec))
     except ValueError as exc:
         for bs in backstores:

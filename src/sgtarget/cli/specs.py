@@ -20,11 +20,13 @@ from sgtarget.units import format_size, parse_size
 
 __all__ = [
     "DEFAULT_ISCSI_PORT",
+    "LUN_FLAGS",
     "LUN_KEYS",
     "LunSpec",
     "build_backstore",
     "format_size",
-    "lun_thin",
+    "lun_flag",
+    "lun_flags",
     "parse_iqn",
     "parse_lun_spec",
     "parse_portal",
@@ -132,9 +134,17 @@ def parse_iqn(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Backstore parameters and --lun specs
 
-#: Keys of a ``--lun`` spec that configure the LUN rather than its backstore; they are split off
-#: into ``LunSpec.lun_params`` and never reach the backstore factory.
-LUN_KEYS: frozenset[str] = frozenset({"thin"})
+#: Keys of a ``--lun`` spec that configure the LUN rather than its backstore, all on/off flags,
+#: with what they turn on. They are split off into ``LunSpec.lun_params``, never reach the
+#: backstore factory as parameters, and are the fields of ``server.target.LunOptions``.
+LUN_FLAGS: Mapping[str, str] = MappingProxyType(
+    {
+        "thin": "thin provisioning (UNMAP, WRITE SAME with UNMAP)",
+        "readonly": "write-protected: every command that would modify the medium is refused",
+        "removable": "removable medium (PREVENT ALLOW MEDIUM REMOVAL, eject and load)",
+    }
+)
+LUN_KEYS: frozenset[str] = frozenset(LUN_FLAGS)
 _BOOLS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 
 #: Kinds whose first element may be a bare value, and the key it stands for.
@@ -203,22 +213,33 @@ def parse_lun_spec(text: str) -> LunSpec:
     return LunSpec(kind, MappingProxyType(params), MappingProxyType(lun_params), text)
 
 
-def lun_thin(spec: LunSpec) -> bool:
-    """The ``thin`` LUN key: thin provisioning (UNMAP, WRITE SAME UNMAP) on or off."""
-    raw = spec.lun_params.get("thin", "0")
+def lun_flag(spec: LunSpec, key: str) -> bool:
+    """One LUN key of ``spec`` (``thin``, ``readonly``, ...) as a flag; off when not given."""
+    if key not in LUN_FLAGS:
+        raise KeyError(key)
+    raw = spec.lun_params.get(key, "0")
     value = _BOOLS.get(raw.lower())
     if value is None:
         raise ValueError(
-            f"invalid LUN spec {spec.text or spec.kind!r}: thin={raw!r} is not one of "
+            f"invalid LUN spec {spec.text or spec.kind!r}: {key}={raw!r} is not one of "
             f"{', '.join(_BOOLS)}"
         )
     return value
 
 
+def lun_flags(spec: LunSpec) -> dict[str, bool]:
+    """Every LUN key as a flag, keyed like ``LunOptions``'s fields: ``LunOptions(**flags)``."""
+    return {key: lun_flag(spec, key) for key in LUN_FLAGS}
+
+
 def build_backstore(spec: LunSpec) -> Backstore:
-    """Create the backstore a spec names; any refusal becomes one ``ValueError`` quoting it."""
+    """Create the backstore a spec names; any refusal becomes one ``ValueError`` quoting it.
+
+    ``readonly=1`` also reaches the factory, so a file is opened read-only (a read-only image
+    can be served).
+    """
 
     try:
-        return create(spec.kind, dict(spec.params))
+        return create(spec.kind, dict(spec.params), readonly=lun_flag(spec, "readonly"))
     except (ValueError, BackstoreError) as exc:
         raise ValueError(f"invalid LUN spec {spec.text or spec.kind!r}: {exc}") from exc

@@ -144,6 +144,11 @@ class CommandSpec:
     #: For commands only some LUs have (UNMAP on thin LUs): RSOC leaves them out elsewhere,
     #: and their handler answers INVALID COMMAND OPERATION CODE there.
     supported: Callable[[LogicalUnit], bool] | None = None
+    #: Modifies the medium: refused with DATA PROTECT on a write-protected (``readonly``) LU
+    #: and with NOT READY while the medium is ejected. Set it on every new writing command.
+    writes: bool = False
+    #: Reads or needs the medium: NOT READY, MEDIUM NOT PRESENT while it is ejected.
+    medium: bool = False
 
     def supported_by(self, lu: LogicalUnit) -> bool:
         return self.supported is None or self.supported(lu)
@@ -268,6 +273,8 @@ class LogicalUnit:
         product: str = "VIRTUAL-DISK",
         revision: str = "0001",
         thin: bool = False,
+        readonly: bool = False,
+        removable: bool = False,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
@@ -281,6 +288,16 @@ class LogicalUnit:
         self.revision = revision
         #: Thin provisioned: UNMAP and WRITE SAME's UNMAP bit deallocate (see provisioning.py).
         self.thin = thin
+        #: Write-protected: commands with ``CommandSpec.writes`` get DATA PROTECT, MODE SENSE
+        #: reports WP.
+        self.readonly = readonly
+        #: Removable medium: INQUIRY RMB, PREVENT ALLOW MEDIUM REMOVAL, START STOP UNIT LOEJ.
+        self.removable = removable
+        #: False after an eject (START STOP UNIT LOEJ=1 START=0) until the next load.
+        self.medium_present = True
+        #: Nexuses that have medium removal prevented (SBC-4 PREVENT ALLOW MEDIUM REMOVAL):
+        #: removal stays prevented until every one of them allows it, is lost or is reset.
+        self._prevent: set[str] = set()
         self.num_blocks = backstore.size // block_size
         self.max_transfer_blocks = MAX_TRANSFER_BYTES // block_size
         digest = hashlib.sha256(identity.encode()).digest()
@@ -318,16 +335,20 @@ class LogicalUnit:
         """Queue a reset unit attention for every nexus this LU has seen."""
         # Every reset releases SPC-2 reservations (SPC-2 5.5.3); persistent ones survive.
         self.reservations.reset()
+        # LU, warm and cold resets all end medium removal prevention (SBC-4 5.14).
+        self._prevent.clear()
         for state in self._nexuses.values():
             state.add_reset(asc)
 
     def forget_all_nexuses(self) -> None:
         """Power-on state: every nexus gets POWER ON, RESET at its next command."""
         self.reservations.reset()
+        self._prevent.clear()
         self._nexuses.clear()
 
     def nexus_lost(self, key: str) -> None:
         self.reservations.nexus_lost(key)
+        self._prevent.discard(key)
         self._nexuses.pop(key, None)
 
     def _nexus(self, key: str) -> _NexusState:
@@ -361,6 +382,8 @@ class LogicalUnit:
                 ua = state.pending.pop(0)
                 raise CheckCondition.of(SenseKey.UNIT_ATTENTION, ua)
             spec = COMMANDS.lookup(cdb)
+            if not spec.supported_by(self):
+                raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
             if len(cdb) < spec.cdb_len:
                 raise CheckCondition.illegal(Asc.INVALID_FIELD_IN_CDB)
             if cdb[spec.cdb_len - 1] & 0x04:
@@ -369,6 +392,7 @@ class LogicalUnit:
             if self.reservations.conflicts(cdb, key):
                 task.status = Status.RESERVATION_CONFLICT
                 return
+            self._check_medium(spec)
             await spec.handler(self, Cmd(task, channel, spec, key))
         except Conflict:
             task.status = Status.RESERVATION_CONFLICT
@@ -391,6 +415,13 @@ class LogicalUnit:
             task.sense = SenseData(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE).fixed()
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_medium(self, spec: CommandSpec) -> None:
+        """The one rule for medium state, from the opcode table's flags: ejected, then WP."""
+        if not self.medium_present and (spec.medium or spec.writes):
+            raise CheckCondition.of(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
+        if spec.writes and self.readonly:
+            raise CheckCondition.of(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
 
     def _check_range(self, lba: int, nblocks: int) -> None:
         # An LBA past the last one is out of range even when no blocks are transferred.
@@ -495,6 +526,7 @@ class LogicalUnit:
     def standard_inquiry(self) -> bytes:
         data = bytearray(74)
         data[0] = DEVICE_TYPE_DISK
+        data[1] = 0x80 if self.removable else 0x00  # RMB
         # SPC-4: iscsi-test-cu 1.19 rejects any other VERSION than 4, 5 or 6.
         data[2] = 0x06
         data[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
@@ -579,8 +611,8 @@ class LogicalUnit:
             blocks = 0 if changeable else min(self.num_blocks, 0xFFFFFFFF)
             bs = 0 if changeable else self.block_size
             bdesc = _SHORT_BLOCK_DESC.pack(blocks, bs >> 16, bs & 0xFFFF)
-        # DPOFUA: we honour DPO and FUA on READ and WRITE.
-        dsp = 0x10
+        # DPOFUA: we honour DPO and FUA on READ and WRITE; WP on a write-protected LU.
+        dsp = 0x10 | (0x80 if self.readonly else 0x00)
         if cmd.cdb[0] == Opcode.MODE_SENSE_6:
             total = _MODE6_HDR.size + len(bdesc) + len(pages)
             hdr = _MODE6_HDR.pack(min(total - 1, 0xFF), 0, dsp, len(bdesc))
@@ -664,8 +696,33 @@ class LogicalUnit:
         self.reservations.persistent_reserve_out(cmd.cdb, cmd.nexus_key, params)
 
     async def _cmd_start_stop_unit(self, cmd: Cmd) -> None:
-        # Not removable and always ready: every START/STOP and power condition is a no-op.
-        return
+        """START STOP UNIT (SBC-4 5.25): only a removable LU's LOEJ does anything.
+
+        The unit is always ready, so START=0 without LOEJ (stop) and every power condition are
+        no-ops; a POWER CONDITION other than 0h makes START and LOEJ ignored. We finish at
+        once, so IMMED changes nothing.
+        """
+        byte4 = cmd.cdb[4]
+        power_condition, loej, start = byte4 >> 4, byte4 & 0x02, byte4 & 0x01
+        if not self.removable or power_condition or not loej:
+            return
+        if self._prevent:
+            # Loading is refused too while prevented (iscsi-test-cu's Eject test checks it).
+            raise CheckCondition.illegal(Asc.MEDIUM_REMOVAL_PREVENTED)
+        self.medium_present = bool(start)
+
+    async def _cmd_prevent_allow(self, cmd: Cmd) -> None:
+        """PREVENT ALLOW MEDIUM REMOVAL (SBC-4 5.14), per I_T nexus; works without medium."""
+        prevent = cmd.cdb[4] & 0x03
+        if prevent > 1:
+            raise CheckCondition.invalid_field(4, 1)  # 10b/11b: obsolete (MMC persistent)
+        if prevent:
+            self._prevent.add(cmd.nexus_key)
+        else:
+            self._prevent.discard(cmd.nexus_key)
+
+    def medium_removal_prevented(self) -> bool:
+        return bool(self._prevent)
 
     # ---- SBC commands ------------------------------------------------------------------------
 
@@ -1066,70 +1123,84 @@ _FF8 = _FF4 + _FF4
 COMMANDS = OpcodeTable(
     [
         CommandSpec(Opcode.TEST_UNIT_READY, None, "TEST UNIT READY",
-                    _usage(0x00, 0, 0, 0, 0, 0), _L._cmd_test_unit_ready),
+                    _usage(0x00, 0, 0, 0, 0, 0), _L._cmd_test_unit_ready, medium=True),
         CommandSpec(Opcode.REQUEST_SENSE, None, "REQUEST SENSE",
                     _usage(0x03, 0x01, 0, 0, 0xFF, 0), _L._cmd_request_sense, ua_exempt=True),
         CommandSpec(Opcode.READ_6, None, "READ(6)",
-                    _usage(0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30),
+                    _usage(0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.WRITE_6, None, "WRITE(6)",
-                    _usage(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30),
+                    _usage(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30,
+                    writes=True),
         CommandSpec(Opcode.INQUIRY, None, "INQUIRY",
                     _usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0), _L._cmd_inquiry, ua_exempt=True),
         CommandSpec(Opcode.MODE_SENSE_6, None, "MODE SENSE(6)",
                     _usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
         CommandSpec(Opcode.START_STOP_UNIT, None, "START STOP UNIT",
                     _usage(0x1B, 0x01, 0, 0x0F, 0xF7, 0), _L._cmd_start_stop_unit),
+        CommandSpec(Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, None, "PREVENT ALLOW MEDIUM REMOVAL",
+                    _usage(0x1E, 0, 0, 0, 0x03, 0), _L._cmd_prevent_allow,
+                    supported=lambda lu: lu.removable),
         CommandSpec(Opcode.READ_CAPACITY_10, None, "READ CAPACITY(10)",
-                    _usage(0x25, 0, *_FF4, 0, 0, 0x01, 0), _L._cmd_read_capacity_10),
+                    _usage(0x25, 0, *_FF4, 0, 0, 0x01, 0), _L._cmd_read_capacity_10, medium=True),
         CommandSpec(Opcode.READ_10, None, "READ(10)",
-                    _usage(0x28, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30),
+                    _usage(0x28, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.WRITE_10, None, "WRITE(10)",
-                    _usage(0x2A, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30),
+                    _usage(0x2A, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30,
+                    writes=True),
         CommandSpec(Opcode.WRITE_AND_VERIFY_10, None, "WRITE AND VERIFY(10)",
                     _usage(0x2E, 0x12, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write_and_verify,
-                    timeout=30),
+                    timeout=30, writes=True),
         CommandSpec(Opcode.VERIFY_10, None, "VERIFY(10)",
-                    _usage(0x2F, 0x16, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_verify, timeout=30),
+                    _usage(0x2F, 0x16, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_verify, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.PRE_FETCH_10, None, "PRE-FETCH(10)",
-                    _usage(0x34, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_prefetch),
+                    _usage(0x34, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_prefetch, medium=True),
         CommandSpec(Opcode.READ_DEFECT_DATA_10, None, "READ DEFECT DATA(10)",
-                    _usage(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_read_defect_data),
+                    _usage(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_read_defect_data,
+                    medium=True),
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE(10)",
                     _usage(0x35, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_synchronize_cache,
-                    timeout=60),
+                    timeout=60, medium=True),
         CommandSpec(Opcode.WRITE_SAME_10, None, "WRITE SAME(10)",
-                    _usage(0x41, 0x08, *_FF4, 0x3F, 0xFF, 0xFF, 0), cmd_write_same, timeout=60),
+                    _usage(0x41, 0x08, *_FF4, 0x3F, 0xFF, 0xFF, 0), cmd_write_same, timeout=60,
+                    writes=True),
         CommandSpec(Opcode.UNMAP, None, "UNMAP",
                     _usage(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), cmd_unmap, timeout=60,
-                    supported=lambda lu: lu.thin),
+                    supported=lambda lu: lu.thin, writes=True),
         CommandSpec(Opcode.MODE_SENSE_10, None, "MODE SENSE(10)",
                     _usage(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
         CommandSpec(Opcode.READ_16, None, "READ(16)",
-                    _usage(0x88, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30),
+                    _usage(0x88, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.WRITE_16, None, "WRITE(16)",
-                    _usage(0x8A, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30),
+                    _usage(0x8A, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30,
+                    writes=True),
         CommandSpec(Opcode.COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
                     _usage(0x89, 0x18, *_FF8, 0, 0, 0, 0xFF, 0x3F, 0),
-                    _L._cmd_compare_and_write, timeout=30),
+                    _L._cmd_compare_and_write, timeout=30, writes=True),
         CommandSpec(Opcode.WRITE_AND_VERIFY_16, None, "WRITE AND VERIFY(16)",
                     _usage(0x8E, 0x12, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
-                    timeout=30),
+                    timeout=30, writes=True),
         CommandSpec(Opcode.VERIFY_16, None, "VERIFY(16)",
-                    _usage(0x8F, 0x16, *_FF8, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
+                    _usage(0x8F, 0x16, *_FF8, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.PRE_FETCH_16, None, "PRE-FETCH(16)",
-                    _usage(0x90, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_prefetch),
+                    _usage(0x90, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_prefetch, medium=True),
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE(16)",
                     _usage(0x91, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_synchronize_cache,
-                    timeout=60),
+                    timeout=60, medium=True),
         CommandSpec(Opcode.WRITE_SAME_16, None, "WRITE SAME(16)",
-                    _usage(0x93, 0x09, *_FF8, *_FF4, 0x3F, 0), cmd_write_same, timeout=60),
+                    _usage(0x93, 0x09, *_FF8, *_FF4, 0x3F, 0), cmd_write_same, timeout=60,
+                    writes=True),
         CommandSpec(Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS,
                     "GET LBA STATUS",
-                    _usage(0x9E, 0x12, *_FF8, *_FF4, 0, 0), cmd_get_lba_status),
+                    _usage(0x9E, 0x12, *_FF8, *_FF4, 0, 0), cmd_get_lba_status, medium=True),
         CommandSpec(Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.READ_CAPACITY_16,
                     "READ CAPACITY(16)",
                     _usage(0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0),
-                    _L._cmd_read_capacity_16),
+                    _L._cmd_read_capacity_16, medium=True),
         CommandSpec(Opcode.REPORT_LUNS, None, "REPORT LUNS",
                     _usage(0xA0, 0, 0xFF, 0, 0, 0, *_FF4, 0, 0), _L._cmd_report_luns,
                     ua_exempt=True),
@@ -1137,16 +1208,20 @@ COMMANDS = OpcodeTable(
                     "REPORT SUPPORTED OPERATION CODES",
                     _usage(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, *_FF4, 0, 0), _L._cmd_rsoc),
         CommandSpec(Opcode.READ_12, None, "READ(12)",
-                    _usage(0xA8, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30),
+                    _usage(0xA8, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.WRITE_12, None, "WRITE(12)",
-                    _usage(0xAA, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30),
+                    _usage(0xAA, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30,
+                    writes=True),
         CommandSpec(Opcode.WRITE_AND_VERIFY_12, None, "WRITE AND VERIFY(12)",
                     _usage(0xAE, 0x12, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
-                    timeout=30),
+                    timeout=30, writes=True),
         CommandSpec(Opcode.VERIFY_12, None, "VERIFY(12)",
-                    _usage(0xAF, 0x16, *_FF4, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30),
+                    _usage(0xAF, 0x16, *_FF4, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30,
+                    medium=True),
         CommandSpec(Opcode.READ_DEFECT_DATA_12, None, "READ DEFECT DATA(12)",
-                    _usage(0xB7, 0x1F, 0, 0, 0, 0, *_FF4, 0, 0), _L._cmd_read_defect_data),
+                    _usage(0xB7, 0x1F, 0, 0, 0, 0, *_FF4, 0, 0), _L._cmd_read_defect_data,
+                    medium=True),
         CommandSpec(Opcode.RESERVE_6, None, "RESERVE(6)",
                     _usage(0x16, 0, 0, 0, 0, 0), _L._cmd_reserve),
         CommandSpec(Opcode.RELEASE_6, None, "RELEASE(6)",

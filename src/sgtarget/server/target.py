@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -41,9 +42,14 @@ RECLAIM_INTERVAL = 5.0
 
 @dataclass(frozen=True, slots=True)
 class LunOptions:
-    """LU settings that are not the backstore's (``--lun ...,thin=1``)."""
+    """LU settings that are not the backstore's: the ``--lun`` flags (``cli.specs.LUN_FLAGS``).
+
+    Each field is a keyword of ``LogicalUnit`` of the same name.
+    """
 
     thin: bool = False
+    readonly: bool = False
+    removable: bool = False
 
 
 @dataclass
@@ -79,12 +85,13 @@ class TargetServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.io_threads, thread_name_prefix="sgtarget-io"
         )
+        options = [*config.lun_options, *[LunOptions()] * len(config.backstores)]
         luns = [
             LogicalUnit(
                 bs,
                 runner=self._run_blocking if bs.blocking else _run_inline,
                 identity=f"{config.iqn}/lun{i}",
-                thin=(config.lun_options[i] if i < len(config.lun_options) else LunOptions()).thin,
+                **dataclasses.asdict(options[i]),
             )
             for i, bs in enumerate(config.backstores)
         ]

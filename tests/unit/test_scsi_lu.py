@@ -91,7 +91,7 @@ def good(task: Task) -> None:
 # ---- INQUIRY ---------------------------------------------------------------------------------
 
 STD_INQUIRY = bytes.fromhex(
-    "00 00 06 12 45 00 00 02"
+    "00 00 06 12 45 08 00 02"  # 3PC: the LU is a copy manager
     + b"SGTARGET".hex()
     + b"VIRTUAL-DISK    ".hex()
     + b"0001".hex()

@@ -64,6 +64,12 @@ from sgtarget.scsi.reservations import (
 )
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
 from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
+from sgtarget.scsi.xcopy import (
+    CopyResults,
+    CopyResultsAction,
+    cmd_extended_copy,
+    cmd_receive_copy_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,10 @@ class LunDirectory(Protocol):
     def relative_port_id(self) -> int: ...
 
     def lun_numbers(self) -> Iterable[int]: ...
+
+    def logical_units(self) -> Iterable[LogicalUnit]:
+        """Every LU of the target (EXTENDED COPY resolves its copy targets among them)."""
+        ...
 
 
 class Cmd:
@@ -311,6 +321,8 @@ class LogicalUnit:
         self._caw_lock: asyncio.Lock | None = None
         self._caw_loop: asyncio.AbstractEventLoop | None = None
         self._nexuses: dict[str, _NexusState] = {}
+        #: EXTENDED COPY results held for RECEIVE COPY RESULTS (xcopy.py).
+        self.copy_results = CopyResults()
         # File backstores name their image; APTPL state is kept beside it.
         path = getattr(backstore, "path", None)
         self.reservations = Reservations(
@@ -335,6 +347,7 @@ class LogicalUnit:
         """Queue a reset unit attention for every nexus this LU has seen."""
         # Every reset releases SPC-2 reservations (SPC-2 5.5.3); persistent ones survive.
         self.reservations.reset()
+        self.copy_results.clear()
         # LU, warm and cold resets all end medium removal prevention (SBC-4 5.14).
         self._prevent.clear()
         for state in self._nexuses.values():
@@ -343,11 +356,13 @@ class LogicalUnit:
     def forget_all_nexuses(self) -> None:
         """Power-on state: every nexus gets POWER ON, RESET at its next command."""
         self.reservations.reset()
+        self.copy_results.clear()
         self._prevent.clear()
         self._nexuses.clear()
 
     def nexus_lost(self, key: str) -> None:
         self.reservations.nexus_lost(key)
+        self.copy_results.nexus_lost(key)
         self._prevent.discard(key)
         self._nexuses.pop(key, None)
 
@@ -531,6 +546,7 @@ class LogicalUnit:
         data[2] = 0x06
         data[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
         data[4] = len(data) - 5
+        data[5] = 0x08  # 3PC: this LU is a copy manager (EXTENDED COPY)
         data[7] = 0x02  # CMDQUE
         data[8:16] = _pad(self.vendor, 8)
         data[16:32] = _pad(self.product, 16)
@@ -1237,6 +1253,14 @@ COMMANDS = OpcodeTable(
                       _usage(0x5F, sa, 0xFF if sa in _PROUT_TYPED else 0, 0, 0, *_FF4, 0),
                       _L._cmd_prout)
           for sa in ProutAction),
+        CommandSpec(Opcode.EXTENDED_COPY, 0x00, "EXTENDED COPY(LID1)",
+                    _usage(0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0),
+                    cmd_extended_copy, timeout=60),
+        *(CommandSpec(Opcode.RECEIVE_COPY_RESULTS, sa, f"RECEIVE COPY RESULTS ({sa.name})",
+                      _usage(0x84, sa, 0 if sa == CopyResultsAction.OPERATING_PARAMETERS
+                             else 0xFF, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0),
+                      cmd_receive_copy_results)
+          for sa in CopyResultsAction),
     ]
 )  # fmt: skip
 

@@ -47,6 +47,9 @@ class ScsiTarget:
     def lun_numbers(self) -> Iterable[int]:
         return self.luns.keys()
 
+    def logical_units(self) -> Iterable[LogicalUnit]:
+        return self.luns.values()
+
     async def execute(self, task: Task, channel: DataChannel) -> None:
         """Run ``task``; sets status, sense and transfer_length. Never raises for SCSI errors."""
         lun = decode_lun(task.lun)

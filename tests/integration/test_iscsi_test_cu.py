@@ -54,6 +54,9 @@ SUITES = [
     "SCSI.WriteSame16",
     "SCSI.Unmap",
     "SCSI.GetLBAStatus",
+    # Third-party copy (LID1): copies within the LUN, held results, descriptor errors.
+    "SCSI.ExtendedCopy",
+    "SCSI.ReceiveCopyResults",
 ]
 
 #: Suites that exercise thin provisioning (``thin=1``), on a file LUN (hole punching,

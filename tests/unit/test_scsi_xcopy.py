@@ -399,3 +399,23 @@ def test_nexus_loss_and_reset_discard_held_results(target: ScsiTarget, pool: Poo
 def test_unsupported_service_action(target: ScsiTarget, pool: Pool) -> None:
     task, _ = run(target, pool, rcr_cdb(0x01, 1))  # RECEIVE DATA: no held data kinds
     assert sense(task) == (0x5, 0x24, 0x00, bytes.fromhex("cc0001"))
+
+
+def test_write_protected_destination(pool: Pool, stores: list[MemBackstore]) -> None:
+    luns = [
+        LogicalUnit(stores[0], runner=run_inline, identity=f"{TARGET_NAME}/lun0"),
+        LogicalUnit(stores[1], runner=run_inline, identity=f"{TARGET_NAME}/lun1", readonly=True),
+    ]
+    t = ScsiTarget(TARGET_NAME, luns)
+    run(t, pool, bytes(6))  # the power-on unit attention
+    data = plist([cscd(naa(t, 0)), cscd(naa(t, 1))], [b2b(0, 1, 1, 0, 0)])
+    task, _ = xcopy(t, pool, data)
+    # The segment pointer names the destination LBA (segment at byte 80, + 20).
+    assert sense(task) == (0xA, 0x00, 0x00, bytes.fromhex("800064"))
+    assert task.sense[8:10] == bytes((0, 18))  # the destination's sense, at byte 18
+    dest = task.sense[18:]
+    assert (dest[2], dest[12], dest[13]) == (0x07, 0x27, 0x00)  # DATA PROTECT, WRITE PROTECTED
+    assert stores[1].writes == 0
+    # Reading from it is fine.
+    data = plist([cscd(naa(t, 1)), cscd(naa(t, 0))], [b2b(0, 1, 1, 0, 0)])
+    assert xcopy(t, pool, data)[0].status == Status.GOOD

@@ -491,11 +491,18 @@ async def _copy_segment(
         raise copy_aborted(Asc.INVALID_FIELD_IN_PARAMETER_LIST, seg.offset + 10)
     if nbytes > MAX_SEGMENT_BYTES:
         raise copy_aborted(Asc.INVALID_FIELD_IN_PARAMETER_LIST, seg.offset + 10)
-    for target, lba, at, is_dst in (
-        (src, seg.source_lba, seg.offset + 12, False),
-        (dst, seg.destination_lba, seg.offset + 20, True),
+    from sgtarget.scsi.lu import COMMANDS  # noqa: PLC0415 - lu imports this module
+
+    # Each copy target checks what it would check for a READ(16) or WRITE(16) of the range:
+    # medium present, write protection, then the LBA range.
+    for target, op, lba, at, is_dst in (
+        (src, Opcode.READ_16, seg.source_lba, seg.offset + 12, False),
+        (dst, Opcode.WRITE_16, seg.destination_lba, seg.offset + 20, True),
     ):
+        spec = COMMANDS.get(op)
+        assert spec is not None
         try:
+            target._check_medium(spec)
             target._check_range(lba, nbytes // target.block_size)
         except CheckCondition as cc:
             raise copy_target_failed(cc.sense, destination=is_dst, byte=at) from None

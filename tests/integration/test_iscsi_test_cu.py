@@ -139,6 +139,58 @@ def test_iscsi_test_cu_thin(sgtarget: StartTarget, tmp_path: Path, suite: str, k
     _run_suite(tool, t.url(), tmp_path, suite)
 
 
+#: The removable=1 profile (thin=1 too, so NoMedia's UNMAP case runs), and suites that are not
+#: about it but must not notice it.
+REMOVABLE_SUITES = [
+    "SCSI.PreventAllow",
+    "SCSI.StartStopUnit",
+    "SCSI.NoMedia",
+    "SCSI.TestUnitReady",
+    "SCSI.Inquiry",
+    "SCSI.ReadCapacity16",
+    "SCSI.ReportSupportedOpcodes",
+    "SCSI.ModeSense6",
+]
+#: The readonly=1 profile (thin=1 too: ReadOnlySBC also tries UNMAP), same idea.
+READONLY_SUITES = [
+    "SCSI.ReadOnly",
+    "SCSI.Inquiry",
+    "SCSI.ReadCapacity16",
+    "SCSI.ReportSupportedOpcodes",
+    "SCSI.ModeSense6",
+]
+#: PreventAllow's reset tests drain the reset's unit attention with TEST UNIT READYs that
+#: expect GOOD, which log one [FAILED] line each without failing the test; the UA itself is
+#: what SAM-5 asks for (every I_T nexus, the one that sent the reset included).
+_UA_DRAIN = re.compile(r"\[FAILED\] TESTUNITREADY command failed .* sense key UNIT_ATTENTION")
+
+
+def _assert_nothing_skipped_or_failed(tmp_path: Path, suite: str) -> None:
+    text = (tmp_path / f"iscsi-test-cu-{suite}.log").read_text(errors="replace")
+    assert "[SKIPPED]" not in text, text
+    failed = [x for x in text.splitlines() if "[FAILED]" in x and not _UA_DRAIN.search(x)]
+    assert not failed, text
+
+
+@pytest.mark.parametrize("suite", REMOVABLE_SUITES)
+def test_iscsi_test_cu_removable(sgtarget: StartTarget, tmp_path: Path, suite: str) -> None:
+    tool = require_tool("iscsi-test-cu")
+    t = sgtarget("--lun", f"file:{tmp_path / 'removable.img'},size=256M,removable=1,thin=1")
+    _run_suite(tool, t.url(), tmp_path, suite)
+    _assert_nothing_skipped_or_failed(tmp_path, suite)
+
+
+@pytest.mark.parametrize("suite", READONLY_SUITES)
+def test_iscsi_test_cu_readonly(sgtarget: StartTarget, tmp_path: Path, suite: str) -> None:
+    tool = require_tool("iscsi-test-cu")
+    image = tmp_path / "readonly.img"
+    image.write_bytes(bytes(1 << 20))
+    image.chmod(0o444)
+    t = sgtarget("--lun", f"file:{image},size=1M,readonly=1,thin=1")
+    _run_suite(tool, t.url(), tmp_path, suite)
+    _assert_nothing_skipped_or_failed(tmp_path, suite)
+
+
 def _run_suite(tool: str, url: str, tmp_path: Path, suite: str) -> None:
     log_path = tmp_path / f"iscsi-test-cu-{suite}.log"
     with log_path.open("w") as log:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,11 +192,34 @@ def test_iscsi_test_cu_readonly(sgtarget: StartTarget, tmp_path: Path, suite: st
     _assert_nothing_skipped_or_failed(tmp_path, suite)
 
 
-def _run_suite(tool: str, url: str, tmp_path: Path, suite: str) -> None:
+#: SANITIZE, which iscsi-test-cu only runs with -S. BlockErase wants LBPME (a thin LUN). Reset
+#: runs alone: the overwrite must outlast three seconds of resets and a reconnect (256 MiB at
+#: the sanitize pace take 8 s), then its wait loop sleeps 60 s per failed TEST UNIT READY.
+SANITIZE_SUITES = [
+    pytest.param(
+        "SCSI.Sanitize.BlockErase*,SCSI.Sanitize.CryptoErase*,SCSI.Sanitize.ExitFailureMode,"
+        "SCSI.Sanitize.InvalidServiceAction,SCSI.Sanitize.Overwrite*,SCSI.Sanitize.Reservations",
+        id="sanitize",
+    ),
+    pytest.param("SCSI.Sanitize.Reset", id="sanitize-reset"),
+]
+
+
+@pytest.mark.parametrize("suite", SANITIZE_SUITES)
+def test_iscsi_test_cu_sanitize(sgtarget: StartTarget, tmp_path: Path, suite: str) -> None:
+    tool = require_tool("iscsi-test-cu")
+    t = sgtarget("--lun", f"file:{tmp_path / 'thin.img'},size=256M,thin=1")
+    _run_suite(tool, t.url(), tmp_path, suite, extra_args=["--allow-sanitize"])
+    _assert_nothing_skipped_or_failed(tmp_path, suite)
+
+
+def _run_suite(
+    tool: str, url: str, tmp_path: Path, suite: str, extra_args: Sequence[str] = ()
+) -> None:
     log_path = tmp_path / f"iscsi-test-cu-{suite}.log"
     with log_path.open("w") as log:
         subprocess.run(
-            [tool, f"--test={suite}", "--dataloss", url],
+            [tool, f"--test={suite}", "--dataloss", *extra_args, url],
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=180,

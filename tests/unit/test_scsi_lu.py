@@ -166,7 +166,8 @@ NAA = bytes.fromhex("6000000faada340b039cc39fa3137de1")
             + bytes.fromhex("000000000000ffff")
             + bytes(20),
         ),
-        (0xB1, bytes.fromhex("00 b1 003c 0001") + bytes(58)),
+        # WABEREQ/WACEREQ 01b: reads after a SANITIZE erase succeed.
+        (0xB1, bytes.fromhex("00 b1 003c 0001 00 50") + bytes(56)),
         (0xB2, bytes.fromhex("00 b2 0004 00 00 00 00")),
     ],
 )

@@ -62,6 +62,7 @@ from sgtarget.scsi.reservations import (
     Reservations,
     state_path_for,
 )
+from sgtarget.scsi.sanitize import BDC_ERASE_READS, SanitizeAction, Sanitizer, cmd_sanitize
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
 from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
 from sgtarget.scsi.xcopy import (
@@ -321,6 +322,8 @@ class LogicalUnit:
         self._caw_lock: asyncio.Lock | None = None
         self._caw_loop: asyncio.AbstractEventLoop | None = None
         self._nexuses: dict[str, _NexusState] = {}
+        #: SANITIZE state; while one runs or has failed it fences the medium (sanitize.py).
+        self.sanitizer = Sanitizer()
         #: EXTENDED COPY results held for RECEIVE COPY RESULTS (xcopy.py).
         self.copy_results = CopyResults()
         # File backstores name their image; APTPL state is kept beside it.
@@ -392,6 +395,11 @@ class LogicalUnit:
             if not cdb:
                 raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
             state = self._nexus(key)
+            # A sanitize in progress (or failed) answers before unit attentions, which wait
+            # for it: an initiator polling with TEST UNIT READY must see the progress.
+            fenced = self.sanitizer.fence(cdb[0])
+            if fenced is not None:
+                raise CheckCondition(fenced)
             exempt = cdb[0] in _UA_EXEMPT
             if state.pending and not exempt:
                 ua = state.pending.pop(0)
@@ -523,6 +531,9 @@ class LogicalUnit:
         desc = bool(cmd.cdb[1] & 0x01)
         ua = self.take_ua(cmd.nexus_key)
         sense = SenseData(SenseKey.UNIT_ATTENTION, ua) if ua is not None else NO_SENSE
+        if ua is None:
+            # Pollable sense: a sanitize's progress (or its failure).
+            sense = self.sanitizer.sense() or sense
         await send_reply(cmd, sense.encode(descriptor=desc), cmd.cdb[4])
 
     async def _cmd_inquiry(self, cmd: Cmd) -> None:
@@ -594,6 +605,7 @@ class LogicalUnit:
     def _vpd_block_characteristics(self) -> bytes:
         body = bytearray(0x3C)
         _U16.pack_into(body, 0, 1)  # MEDIUM ROTATION RATE: non-rotating medium
+        body[3] = BDC_ERASE_READS  # WABEREQ, WACEREQ: how reads behave after a SANITIZE
         return self._vpd(VpdPage.BLOCK_DEVICE_CHARACTERISTICS, bytes(body))
 
     def _vpd_provisioning(self) -> bytes:
@@ -1261,6 +1273,11 @@ COMMANDS = OpcodeTable(
                              else 0xFF, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0),
                       cmd_receive_copy_results)
           for sa in CopyResultsAction),
+        # IMMED, AUSE and the service action in byte 1; ZNR (zoned only) is reserved here.
+        *(CommandSpec(Opcode.SANITIZE, sa, f"SANITIZE ({sa.name})",
+                      _usage(0x48, 0xA0 | sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), cmd_sanitize,
+                      writes=sa != SanitizeAction.EXIT_FAILURE_MODE)
+          for sa in SanitizeAction),
     ]
 )  # fmt: skip
 

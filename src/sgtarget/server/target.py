@@ -230,6 +230,9 @@ class TargetServer:
                 await asyncio.wait_for(server.wait_closed(), timeout=grace)
         if self.background:
             await asyncio.wait(list(self.background), timeout=grace)
+        # A sanitize outlives its command but not the backstore it writes to.
+        for lu in self.scsi.luns.values():
+            await lu.sanitizer.stop()
         loop = asyncio.get_running_loop()
         for bs in self.config.backstores:
             try:

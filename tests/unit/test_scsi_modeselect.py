@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sgtarget.scsi.constants import Asc, SenseKey
+from sgtarget.datapath import Pool
+from sgtarget.scsi.constants import Asc, SenseKey, Status
+from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.modeselect import check_cdb, decode_mode_select, parse_mode_select
 from sgtarget.scsi.sense import CheckCondition
+from sgtarget.scsi.target import ScsiTarget
+from sgtarget.scsi.task import run_inline
+
+from .scsi_fakes import NEXUS, OTHER_NEXUS, MemBackstore, run
 
 # A control page (0x0A, 12 bytes) whose only changeable bit is SWP (byte 4 bit 3).
-CURRENT = bytes.fromhex("0a0a00100000ffff00000000")
+CURRENT = bytes.fromhex("0a0a001000000000ffff0000")
 CHANGEABLE = bytes.fromhex("0a0a00000800000000000000")
 
 
@@ -29,7 +38,7 @@ def parse(cdb: bytes, data: bytes) -> dict[int, bytes]:
 
 SELECT6 = bytes.fromhex("151000001000")  # PF=1, 16 bytes
 SELECT10 = bytes.fromhex("55100000000000001400")  # PF=1, 20 bytes
-SWP_ON = bytes.fromhex("0a0a00100800ffff00000000")
+SWP_ON = bytes.fromhex("0a0a001008000000ffff0000")
 
 
 def refusal(cdb: bytes, data: bytes) -> tuple[SenseKey, Asc, bytes | None]:
@@ -128,3 +137,74 @@ def test_any_list_is_parsed_or_refused_precisely(data: bytes) -> None:
     for page in out.values():
         diffs = zip(page, CURRENT, CHANGEABLE, strict=True)
         assert all((a ^ b) & ~m & 0xFF == 0 for a, b, m in diffs)
+
+
+# ---- through a LogicalUnit: SWP write-protects, others get a unit attention, reset clears it
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    p = Pool(size=1024 * 1024, block_size=64 * 1024)
+    yield p
+    gc.collect()
+    p.close()
+
+
+@pytest.fixture
+def target(pool: Pool) -> ScsiTarget:
+    lu = LogicalUnit(MemBackstore(2048 * 512), runner=run_inline, identity="iqn.x:ms/0")
+    tgt = ScsiTarget("iqn.x:ms", [lu])
+    for nexus in (NEXUS, OTHER_NEXUS):
+        task, _ = run(tgt, pool, bytes(6), nexus=nexus)  # consume POWER ON RESET
+        assert task.sense[2] == 0x06
+    return tgt
+
+
+MODE_SENSE6_CONTROL = bytes.fromhex("1a 08 0a 00 ff 00")  # DBD, current control page
+MODE_SENSE6_CONTROL_CHANGEABLE = bytes.fromhex("1a 08 4a 00 ff 00")
+WRITE_10 = bytes.fromhex("2a 00 00000000 00 0001 00")
+WRITE_PROTECTED = bytes.fromhex("70 00 07 00000000 0a 00000000 27 00 00 000000")
+MODE_PARAMETERS_CHANGED = bytes.fromhex("70 00 06 00000000 0a 00000000 2a 01 00 000000")
+
+
+def select6(data: bytes) -> bytes:
+    return bytes((0x15, 0x10, 0, 0, len(data), 0))
+
+
+def test_swp_through_the_lu(target: ScsiTarget, pool: Pool) -> None:
+    task, ch = run(target, pool, MODE_SENSE6_CONTROL_CHANGEABLE)
+    assert task.status == Status.GOOD
+    assert ch.data_in[4:] == CHANGEABLE  # only SWP is changeable
+    task, ch = run(target, pool, MODE_SENSE6_CONTROL)
+    assert ch.data_in == bytes.fromhex("0f001000") + CURRENT  # WP clear
+
+    task, _ = run(target, pool, select6(bytes(4) + SWP_ON), data_out=bytes(4) + SWP_ON)
+    assert task.status == Status.GOOD, task.sense.hex()
+    task, ch = run(target, pool, MODE_SENSE6_CONTROL)
+    assert ch.data_in == bytes.fromhex("0f009000") + SWP_ON  # WP set, SWP set
+
+    task, _ = run(target, pool, WRITE_10, data_out=bytes(512))
+    assert (task.status, task.sense) == (Status.CHECK_CONDITION, WRITE_PROTECTED)
+    # The other nexus is told the mode pages changed, then is write-protected too.
+    task, _ = run(target, pool, WRITE_10, data_out=bytes(512), nexus=OTHER_NEXUS)
+    assert task.sense == MODE_PARAMETERS_CHANGED
+    task, _ = run(target, pool, WRITE_10, data_out=bytes(512), nexus=OTHER_NEXUS)
+    assert task.sense == WRITE_PROTECTED
+
+    # A LUN reset brings back the default pages: writable again.
+    assert target.lun_reset(0)
+    run(target, pool, bytes(6))  # the reset's unit attention
+    task, _ = run(target, pool, WRITE_10, data_out=bytes(512))
+    assert task.status == Status.GOOD, task.sense.hex()
+
+
+def test_bad_mode_select_changes_nothing(target: ScsiTarget, pool: Pool) -> None:
+    bad = bytearray(SWP_ON)
+    bad[3] = 0x00  # QAM is not changeable
+    task, _ = run(target, pool, select6(bytes(4) + bad), data_out=bytes(4) + bytes(bad))
+    assert task.sense[2] == 0x05
+    assert task.sense[12:14] == b"\x26\x00"  # INVALID FIELD IN PARAMETER LIST
+    task, _ = run(target, pool, WRITE_10, data_out=bytes(512))
+    assert task.status == Status.GOOD
+    task, _ = run(target, pool, WRITE_10, data_out=bytes(512), nexus=OTHER_NEXUS)
+    assert task.status == Status.GOOD  # no unit attention either

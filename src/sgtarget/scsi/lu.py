@@ -46,6 +46,7 @@ from sgtarget.scsi.constants import (
     VpdPage,
 )
 from sgtarget.scsi.lun import encode_lun
+from sgtarget.scsi.modeselect import check_cdb, decode_mode_select, parse_mode_select
 from sgtarget.scsi.provisioning import (
     cmd_get_lba_status,
     cmd_unmap,
@@ -299,9 +300,11 @@ class LogicalUnit:
         self.revision = revision
         #: Thin provisioned: UNMAP and WRITE SAME's UNMAP bit deallocate (see provisioning.py).
         self.thin = thin
-        #: Write-protected: commands with ``CommandSpec.writes`` get DATA PROTECT, MODE SENSE
-        #: reports WP.
-        self.readonly = readonly
+        #: Write-protected by configuration (``readonly=1``); ``readonly`` adds SWP to it.
+        self.media_readonly = readonly
+        #: Software write protect, the control mode page's SWP bit (MODE SELECT): the medium is
+        #: write-protected until it is cleared or a reset restores the default mode pages.
+        self.swp = False
         #: Removable medium: INQUIRY RMB, PREVENT ALLOW MEDIUM REMOVAL, START STOP UNIT LOEJ.
         self.removable = removable
         #: False after an eject (START STOP UNIT LOEJ=1 START=0) until the next load.
@@ -334,6 +337,16 @@ class LogicalUnit:
             relative_port_id=lambda: self._directory.relative_port_id if self._directory else 1,
         )
 
+    @property
+    def readonly(self) -> bool:
+        """Write-protected: commands with ``CommandSpec.writes`` get DATA PROTECT, MODE SENSE
+        reports WP (SBC-4 6.5.2: by configuration or by SWP)."""
+        return self.media_readonly or self.swp
+
+    @readonly.setter
+    def readonly(self, value: bool) -> None:
+        self.media_readonly = value
+
     def attach(self, directory: LunDirectory) -> None:
         """Called by ``ScsiTarget``: the target name, port and LUN list for VPD and REPORT LUNS."""
         self._directory = directory
@@ -351,8 +364,10 @@ class LogicalUnit:
         # Every reset releases SPC-2 reservations (SPC-2 5.5.3); persistent ones survive.
         self.reservations.reset()
         self.copy_results.clear()
-        # LU, warm and cold resets all end medium removal prevention (SBC-4 5.14).
+        # LU, warm and cold resets all end medium removal prevention (SBC-4 5.14) and bring
+        # back the default mode pages, none of which is saved (SAM-5 6.3.3).
         self._prevent.clear()
+        self.swp = False
         for state in self._nexuses.values():
             state.add_reset(asc)
 
@@ -361,6 +376,7 @@ class LogicalUnit:
         self.reservations.reset()
         self.copy_results.clear()
         self._prevent.clear()
+        self.swp = False
         self._nexuses.clear()
 
     def nexus_lost(self, key: str) -> None:
@@ -659,12 +675,38 @@ class LogicalUnit:
     def _mode_control(self, pc: int) -> bytes:
         page = bytearray(12)
         page[0], page[1] = ModePage.CONTROL, len(page) - 2
-        if pc != PageControl.CHANGEABLE:
+        if pc == PageControl.CHANGEABLE:
+            page[4] = 0x08  # SWP: MODE SELECT may write-protect the medium
+        else:
             # TST 0 (one task set), D_SENSE 0 (fixed sense), QAM 1 (unrestricted reordering:
-            # commands run concurrently), QERR 0, UA_INTLCK_CTRL 0, SWP 0.
+            # commands run concurrently), QERR 0, UA_INTLCK_CTRL 0.
             page[3] = 0x10
+            page[4] = 0x08 if self.swp else 0x00
             _U16.pack_into(page, 8, 0xFFFF)  # BUSY TIMEOUT PERIOD: unlimited
         return bytes(page)
+
+    async def _cmd_mode_select(self, cmd: Cmd) -> None:
+        ms = decode_mode_select(cmd.cdb)
+        check_cdb(ms)
+        data = await self._receive_bytes(cmd, ms.param_len) if ms.param_len else b""
+        if data is None:
+            return
+
+        def pages(code: int, pc: int) -> bytes | None:
+            build = _MODE_PAGES.get(code)
+            return None if build is None else build(self, pc)
+
+        new = parse_mode_select(
+            ms, data, pages, block_size=self.block_size, num_blocks=self.num_blocks
+        )
+        control = new.get(ModePage.CONTROL)
+        if control is None or bool(control[4] & 0x08) == self.swp:
+            return
+        self.swp = bool(control[4] & 0x08)
+        # Mode pages are shared by all nexuses (TST 0): the others learn of the change.
+        for key in list(self._nexuses):
+            if key != cmd.nexus_key:
+                self.queue_ua(key, Asc.MODE_PARAMETERS_CHANGED)
 
     async def _cmd_rsoc(self, cmd: Cmd) -> None:
         rs = decode_rsoc(cmd.cdb)
@@ -1162,6 +1204,8 @@ COMMANDS = OpcodeTable(
                     writes=True),
         CommandSpec(Opcode.INQUIRY, None, "INQUIRY",
                     _usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0), _L._cmd_inquiry, ua_exempt=True),
+        CommandSpec(Opcode.MODE_SELECT_6, None, "MODE SELECT(6)",
+                    _usage(0x15, 0x11, 0, 0, 0xFF, 0), _L._cmd_mode_select),
         CommandSpec(Opcode.MODE_SENSE_6, None, "MODE SENSE(6)",
                     _usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
         CommandSpec(Opcode.START_STOP_UNIT, None, "START STOP UNIT",
@@ -1197,6 +1241,8 @@ COMMANDS = OpcodeTable(
         CommandSpec(Opcode.UNMAP, None, "UNMAP",
                     _usage(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), cmd_unmap, timeout=60,
                     supported=lambda lu: lu.thin, writes=True),
+        CommandSpec(Opcode.MODE_SELECT_10, None, "MODE SELECT(10)",
+                    _usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_select),
         CommandSpec(Opcode.MODE_SENSE_10, None, "MODE SENSE(10)",
                     _usage(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
         CommandSpec(Opcode.READ_16, None, "READ(16)",

@@ -40,6 +40,8 @@ SUITES = [
     "SCSI.ReadDefectData12",
     "SCSI.ReportSupportedOpcodes",
     "SCSI.CompareAndWrite",
+    "SCSI.OrWrite",
+    "SCSI.WriteAtomic16",
     # Reservations (several open a second session to the same target).
     "SCSI.PrinReadKeys",
     "SCSI.PrinServiceactionRange",
@@ -66,7 +68,9 @@ THIN_SUITES = [
     "SCSI.Unmap",
     "SCSI.WriteSame10",
     "SCSI.WriteSame16",
-    "SCSI.GetLBAStatus",
+    # Not UnmapSingle: with 4 KiB physical blocks (LBPPB 8) libiscsi 1.19 asks GET LBA STATUS
+    # at LBA i+1 and wants the first descriptor at i+8; SBC-4 says it starts at the LBA asked.
+    "SCSI.GetLBAStatus.Simple,SCSI.GetLBAStatus.BeyondEol",
     "SCSI.Inquiry",
     "SCSI.ReadCapacity16",
     # Its InvalidDataOutSize test only runs on a thin LUN.

@@ -159,12 +159,13 @@ NAA = bytes.fromhex("6000000faada340b039cc39fa3137de1")
         ),
         (
             0xB0,
-            # MAXIMUM COMPARE AND WRITE LENGTH 255, MAXIMUM WRITE SAME LENGTH 0xFFFF (no
-            # UNMAP limits: LUN 0 is not thin).
-            bytes.fromhex("00 b0 003c 00 ff 0001 00004000 00000800")
+            # MAXIMUM COMPARE AND WRITE LENGTH 255, OPTIMAL TRANSFER LENGTH GRANULARITY 8 (a
+            # 4 KiB physical block), MAXIMUM WRITE SAME LENGTH 0xFFFF (no UNMAP limits: LUN 0
+            # is not thin), WRITE ATOMIC: 2048 blocks, aligned to and in multiples of 8.
+            bytes.fromhex("00 b0 003c 00 ff 0008 00004000 00000800")
             + bytes(20)
             + bytes.fromhex("000000000000ffff")
-            + bytes(20),
+            + bytes.fromhex("00000800 00000008 00000008 00000800 00000800"),
         ),
         # WABEREQ/WACEREQ 01b: reads after a SANITIZE erase succeed.
         (0xB1, bytes.fromhex("00 b1 003c 0001 00 50") + bytes(56)),
@@ -209,7 +210,8 @@ def test_read_capacity_10(ready: ScsiTarget, pool: Pool) -> None:
 def test_read_capacity_16(ready: ScsiTarget, pool: Pool) -> None:
     task, ch = run(ready, pool, cdb("9e 10 0000000000000000 00000020 00 00"))
     good(task)
-    assert bytes(ch.data_in) == bytes.fromhex("0000000000007fff 00000200 00 00 0000") + bytes(16)
+    # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 3: 4 KiB physical blocks.
+    assert bytes(ch.data_in) == bytes.fromhex("0000000000007fff 00000200 00 03 0000") + bytes(16)
 
 
 @pytest.mark.parametrize("alloc", [0, 1, 12, 15, 31])

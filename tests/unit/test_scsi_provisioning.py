@@ -133,9 +133,10 @@ def test_vpd_block_limits_thin(target: ScsiTarget, pool: Pool) -> None:
     task, ch = run(target, pool, bytes([0x12, 0x01, 0xB0, 0x01, 0x00, 0]))
     good(task)
     assert bytes(ch.data_in) == (
-        bytes.fromhex("00 b0 003c 00 ff 0001 00004000 00000800 00000000")
-        + bytes.fromhex("00100000 00000100 00000001 00000000 000000000000ffff")
-        + bytes(20)
+        bytes.fromhex("00 b0 003c 00 ff 0008 00004000 00000800 00000000")
+        # OPTIMAL UNMAP GRANULARITY: one physical block; UGAVALID, alignment 0.
+        + bytes.fromhex("00100000 00000100 00000008 80000000 000000000000ffff")
+        + bytes.fromhex("00000800 00000008 00000008 00000800 00000800")
     )
     assert MAX_UNMAP_LBA_COUNT == 0x100000
     assert MAX_UNMAP_DESCRIPTORS == 0x100
@@ -156,7 +157,7 @@ def test_read_capacity_16_lbpme_lbprz(
     cdb = bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + b"\0\0"
     task, ch = run(target, pool, cdb, lun=lun)
     good(task)
-    expect = last.to_bytes(8, "big") + BS.to_bytes(4, "big") + bytes([0, 0, bits, 0])
+    expect = last.to_bytes(8, "big") + BS.to_bytes(4, "big") + bytes([0, 3, bits, 0])
     assert bytes(ch.data_in) == expect + bytes(16)
 
 

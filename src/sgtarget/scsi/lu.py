@@ -13,7 +13,6 @@ scatter lists from the transport's pool, so an 8 MiB command holds at most 1 MiB
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import struct
@@ -55,6 +54,7 @@ from sgtarget.scsi.provisioning import (
     provisioning_vpd_body,
     rc16_provisioning,
 )
+from sgtarget.scsi.rangelock import RangeLock
 from sgtarget.scsi.reservations import (
     PROUT_PARAM_LEN,
     Conflict,
@@ -66,6 +66,7 @@ from sgtarget.scsi.reservations import (
 from sgtarget.scsi.sanitize import BDC_ERASE_READS, SanitizeAction, Sanitizer, cmd_sanitize
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
 from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
+from sgtarget.scsi.writes import cmd_orwrite, cmd_write_atomic, fill_atomic_limits
 from sgtarget.scsi.xcopy import (
     CopyResults,
     CopyResultsAction,
@@ -79,6 +80,9 @@ log = logging.getLogger(__name__)
 IO_WINDOW = 1024 * 1024
 #: Largest single command we accept (VPD B0h MAXIMUM TRANSFER LENGTH is derived from it).
 MAX_TRANSFER_BYTES = 8 * 1024 * 1024
+#: Physical block size we report (READ CAPACITY(16) LBPPBE): the page size of the page
+#: caches and filesystems under the backstores, so initiators align their I/O to it.
+PHYSICAL_BLOCK_SIZE = 4096
 #: Key for tasks that arrive without a nexus (tests, internal callers).
 DEFAULT_NEXUS_KEY = "<no nexus>"
 #: IEEE company ID in our NAA-6 designators. We hold no OUI; uniqueness comes from the 100
@@ -314,6 +318,8 @@ class LogicalUnit:
         self._prevent: set[str] = set()
         self.num_blocks = backstore.size // block_size
         self.max_transfer_blocks = MAX_TRANSFER_BYTES // block_size
+        #: Logical blocks per physical block (a power of two).
+        self.lbppb = max(1, PHYSICAL_BLOCK_SIZE // block_size)
         digest = hashlib.sha256(identity.encode()).digest()
         #: VPD 80h unit serial number: stable across restarts because it comes from identity.
         self.serial = digest[:16].hex()
@@ -321,9 +327,8 @@ class LogicalUnit:
         tail = int.from_bytes(digest[16:29], "big") >> 4  # 100 bits
         self.naa = ((0x6 << 124) | (NAA_COMPANY_ID << 100) | tail).to_bytes(16, "big")
         self._directory: LunDirectory | None = None
-        #: Serialises COMPARE AND WRITE on this LU (made per event loop, on first use).
-        self._caw_lock: asyncio.Lock | None = None
-        self._caw_loop: asyncio.AbstractEventLoop | None = None
+        #: Byte ranges in flight: atomic commands lock theirs exclusively, other I/O shared.
+        self.ranges = RangeLock()
         self._nexuses: dict[str, _NexusState] = {}
         #: SANITIZE state; while one runs or has failed it fences the medium (sanitize.py).
         self.sanitizer = Sanitizer()
@@ -612,10 +617,11 @@ class LogicalUnit:
         body = bytearray(0x3C)
         # Offsets below are page offsets minus the 4-byte header.
         body[1] = MAX_COMPARE_AND_WRITE_BLOCKS  # MAXIMUM COMPARE AND WRITE LENGTH
-        _U16.pack_into(body, 2, 1)  # OPTIMAL TRANSFER LENGTH GRANULARITY
+        _U16.pack_into(body, 2, self.lbppb)  # OPTIMAL TRANSFER LENGTH GRANULARITY
         _U32.pack_into(body, 4, self.max_transfer_blocks)  # MAXIMUM TRANSFER LENGTH
         _U32.pack_into(body, 8, IO_WINDOW // self.block_size)  # OPTIMAL TRANSFER LENGTH
         fill_block_limits(self, body)
+        fill_atomic_limits(self, body)
         return self._vpd(VpdPage.BLOCK_LIMITS, bytes(body))
 
     def _vpd_block_characteristics(self) -> bytes:
@@ -802,7 +808,8 @@ class LogicalUnit:
         await send_reply(cmd, data, len(data))
 
     async def _cmd_read_capacity_16(self, cmd: Cmd) -> None:
-        data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, 0, rc16_provisioning(self))
+        lbppbe = self.lbppb.bit_length() - 1
+        data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, lbppbe, rc16_provisioning(self))
         await send_reply(cmd, data, u32(cmd.cdb, 10))
 
     async def _cmd_prefetch(self, cmd: Cmd) -> None:
@@ -834,18 +841,13 @@ class LogicalUnit:
             alloc = u32(cdb, 6)
         await send_reply(cmd, data, alloc)
 
-    def _compare_and_write_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        if self._caw_lock is None or self._caw_loop is not loop:
-            self._caw_lock, self._caw_loop = asyncio.Lock(), loop
-        return self._caw_lock
-
     async def _cmd_compare_and_write(self, cmd: Cmd) -> None:
         """COMPARE AND WRITE (SBC-4 5.3): compare N blocks, write N blocks if they matched.
 
         The Data-Out buffer holds the verify instance then the write instance. The read,
-        compare and write run under a per-LU lock, so concurrent COMPARE AND WRITEs (the
-        multipath locking idiom) are atomic with respect to each other.
+        compare and write run with the range locked exclusively, so no other command of
+        this target (READ, WRITE, WRITE SAME, UNMAP, another COMPARE AND WRITE) sees or
+        changes the range in between.
         """
         task, cdb = cmd.task, cmd.cdb
         if cdb[1] & 0xE0:
@@ -869,9 +871,10 @@ class LogicalUnit:
         if sent is None:
             return
         try:
-            async with self._compare_and_write_lock():
-                medium = await cmd.channel.alloc(half)
-                try:
+            # Memory before the lock: waiting for it with the range locked would stall others.
+            medium = await cmd.channel.alloc(half)
+            try:
+                async with self.ranges.hold(lba * bs, lba * bs + half):
                     await self._read_into(medium, lba * bs, half, cmd.channel)
                     at = _first_difference(sent.to_bytes(0, half), medium.to_bytes(0, half))
                     if at is not None:
@@ -884,8 +887,8 @@ class LogicalUnit:
                         sent.to_bytes(half, half), reason="compare-and-write", direction="in"
                     )
                     await self._write_from(medium, lba * bs, half, cmd.channel)
-                finally:
-                    medium.release()
+            finally:
+                medium.release()
         finally:
             sent.release()
         if cdb[1] & 0x08:  # FUA
@@ -915,12 +918,20 @@ class LogicalUnit:
             # A smaller window when the pool is short: reads stream through what there is.
             sg = await cmd.channel.alloc(min(IO_WINDOW, limit - off), partial=True)
             n = sg.length
+            # Shared, so an atomic write to the range is seen whole or not at all.
+            ranges = self.ranges
+            held = ranges.try_acquire(base + off, base + off + n)
             try:
+                if held is None:
+                    held = await ranges.acquire(base + off, base + off + n)
                 if not cmd.aborted():
                     await self._read_into(sg, base + off, n, cmd.channel)
             except BaseException:
                 sg.release()
                 raise
+            finally:
+                if held is not None:
+                    ranges.release(held)
             if cmd.aborted():
                 sg.release()
                 return
@@ -982,9 +993,16 @@ class LogicalUnit:
             if sg is None:
                 return False
             n = sg.length
+            # Shared: a window waits only for an atomic command on an overlapping range.
+            ranges = self.ranges
+            held = ranges.try_acquire(base + off, base + off + n)
             try:
+                if held is None:
+                    held = await ranges.acquire(base + off, base + off + n)
                 await self._write_from(sg, base + off, n, cmd.channel)
             finally:
+                if held is not None:
+                    ranges.release(held)
                 sg.release()
             if cmd.aborted():
                 return False
@@ -1254,6 +1272,9 @@ COMMANDS = OpcodeTable(
         CommandSpec(Opcode.COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
                     _usage(0x89, 0x18, *_FF8, 0, 0, 0, 0xFF, 0x3F, 0),
                     _L._cmd_compare_and_write, timeout=30, writes=True),
+        CommandSpec(Opcode.ORWRITE_16, None, "ORWRITE(16)",
+                    _usage(0x8B, 0x18, *_FF8, *_FF4, 0x3F, 0), cmd_orwrite,
+                    timeout=30, writes=True),
         CommandSpec(Opcode.WRITE_AND_VERIFY_16, None, "WRITE AND VERIFY(16)",
                     _usage(0x8E, 0x12, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
                     timeout=30, writes=True),
@@ -1268,6 +1289,9 @@ COMMANDS = OpcodeTable(
         CommandSpec(Opcode.WRITE_SAME_16, None, "WRITE SAME(16)",
                     _usage(0x93, 0x09, *_FF8, *_FF4, 0x3F, 0), cmd_write_same, timeout=60,
                     writes=True),
+        CommandSpec(Opcode.WRITE_ATOMIC_16, None, "WRITE ATOMIC(16)",
+                    _usage(0x9C, 0x18, *_FF8, *_FF4, 0x3F, 0), cmd_write_atomic,
+                    timeout=30, writes=True),
         CommandSpec(Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS,
                     "GET LBA STATUS",
                     _usage(0x9E, 0x12, *_FF8, *_FF4, 0, 0), cmd_get_lba_status, medium=True),

@@ -74,7 +74,8 @@ def fill_block_limits(lu: LogicalUnit, body: bytearray) -> None:
     if lu.thin:
         _U32.pack_into(body, 16, MAX_UNMAP_LBA_COUNT)
         _U32.pack_into(body, 20, MAX_UNMAP_DESCRIPTORS)
-        _U32.pack_into(body, 24, 1)  # OPTIMAL UNMAP GRANULARITY: any block
+        _U32.pack_into(body, 24, lu.lbppb)  # OPTIMAL UNMAP GRANULARITY: a physical block
+        _U32.pack_into(body, 28, 0x80000000)  # UGAVALID; UNMAP GRANULARITY ALIGNMENT 0
     _U64.pack_into(body, 32, MAX_WRITE_SAME_BLOCKS)
 
 
@@ -149,7 +150,8 @@ async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
     bs = lu.block_size
     for lba, nblocks in ranges:
         if nblocks:
-            await _discard(lu, lba * bs, nblocks * bs)
+            async with lu.ranges.hold(lba * bs, (lba + nblocks) * bs, exclusive=False):
+                await _discard(lu, lba * bs, nblocks * bs)
         if cmd.aborted():
             return
 
@@ -203,9 +205,12 @@ async def cmd_write_same(lu: LogicalUnit, cmd: Cmd) -> None:
         # Deallocate whatever the block holds, as LIO and tgt do and libiscsi 1.19 expects
         # (its UnmapUntilEnd sends 0xFF blocks and wants zeros back): the initiator asked for
         # deallocation, and LBPRZ tells it what the range reads as afterwards.
-        await _discard(lu, base, total)
+        async with lu.ranges.hold(base, base + total, exclusive=False):
+            await _discard(lu, base, total)
         return
-    await _write_repeated(lu, cmd, pattern, base, total)
+    # Shared for the whole range: COMPARE AND WRITE and atomic writes see all of it or none.
+    async with lu.ranges.hold(base, base + total, exclusive=False):
+        await _write_repeated(lu, cmd, pattern, base, total)
 
 
 async def _write_repeated(

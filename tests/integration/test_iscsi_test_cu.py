@@ -202,7 +202,8 @@ def test_iscsi_test_cu_readonly(sgtarget: StartTarget, tmp_path: Path, suite: st
 SANITIZE_SUITES = [
     pytest.param(
         "SCSI.Sanitize.BlockErase*,SCSI.Sanitize.CryptoErase*,SCSI.Sanitize.ExitFailureMode,"
-        "SCSI.Sanitize.InvalidServiceAction,SCSI.Sanitize.Overwrite*,SCSI.Sanitize.Reservations",
+        "SCSI.Sanitize.InvalidServiceAction,SCSI.Sanitize.Overwrite*,SCSI.Sanitize.Reservations,"
+        "SCSI.Sanitize.Readonly",  # write protection through MODE SELECT's SWP
         id="sanitize",
     ),
     pytest.param("SCSI.Sanitize.Reset", id="sanitize-reset"),

@@ -197,6 +197,20 @@ class Sanitizer:
             return None
         return self.sense()
 
+    def exit_failure_mode(self) -> None:
+        """EXIT FAILURE MODE: leave failure mode if the failed sanitize allowed it (AUSE)."""
+        if self._state is not _State.FAILED:
+            return  # nothing failed: nothing to do
+        if not self._failed_ause:
+            # Restricted completion mode: only a successful sanitize ends the failure.
+            raise CheckCondition.invalid_field(1, 4)
+        self._state = _State.IDLE
+
+    def check_start(self, ause: bool) -> None:
+        """After a restricted-mode failure, a new sanitize must not ask for unrestricted mode."""
+        if self._state is _State.FAILED and not self._failed_ause and ause:
+            raise CheckCondition.invalid_field(1, 5)
+
     async def stop(self) -> None:
         """Cancel a running job (target shutdown); the LU is left in failure mode."""
         job = self._job
@@ -320,14 +334,9 @@ async def cmd_sanitize(lu: LogicalUnit, cmd: Cmd) -> None:
     task.transfer_length = sc.param_len
     san = lu.sanitizer
     if sc.action == SanitizeAction.EXIT_FAILURE_MODE:
-        if san.failed:
-            if not san._failed_ause:
-                # Restricted completion mode: only a successful sanitize ends the failure.
-                raise CheckCondition.invalid_field(1, 4)
-            san._state = _State.IDLE
+        san.exit_failure_mode()
         return
-    if san.failed and not san._failed_ause and sc.ause:
-        raise CheckCondition.invalid_field(1, 5)
+    san.check_start(sc.ause)
     params = None
     if sc.action == SanitizeAction.OVERWRITE:
         data = await lu._receive_bytes(cmd, sc.param_len)

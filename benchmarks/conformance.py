@@ -123,9 +123,32 @@ LOG_ARTIFACTS: dict[str, tuple[str, str]] = {
         r"\[FAILED\] PRIN command: failed with sense\. SENSE KEY:UNIT_ATTENTION\(6\) "
         r"ASCQ:BUS_DEVICE_RESET_FUNCTION_OCCURED\(0x2903\)",
     ),
+    "ModeSense6.Residuals": (
+        "printed after 'passed' by the ModeSense6 suite's cleanup, on the second (multipath) "
+        "path: its PERSISTENT RESERVE IN meets the MODE PARAMETERS CHANGED unit attention "
+        "that ControlSwp's MODE SELECTs on the first path established for every other I_T "
+        "nexus (SPC-5 6.11), which nothing in the suite clears",
+        r"\[FAILED\] PRIN command: failed with sense\. SENSE KEY:UNIT_ATTENTION\(6\) "
+        r"ASCQ:MODE PARAMETERS CHANGED\(0x2a01\)",
+    ),
     "PreventAllow.LUNReset": _UA_DRAIN,
     "PreventAllow.WarmReset": _UA_DRAIN,
     "PreventAllow.ColdReset": _UA_DRAIN,
+}
+
+#: Tests CUnit fails on a target that answers as the standard says, because the test is wrong
+#: for the LU's (valid) geometry. Excused only when the one assertion named by the pattern is
+#: all that failed; they still count as failed in the cu_score figures.
+KNOWN_TEST_BUGS: dict[str, tuple[str, str]] = {
+    "GetLBAStatus.UnmapSingle": (
+        "its second loop unmaps LBAs 0..i-1, asks GET LBA STATUS at LBA i+1 and expects the "
+        "first descriptor to start at i+LBPPB; SBC-4 5.8 has it start at the LBA asked for "
+        "(i+1), which is what the test means and gets with 1 logical block per physical block "
+        "(its own first loop asks at i+LBPPB and passes); with 4096-byte physical blocks "
+        "(LBPPB 8, which CompareAndWrite/WriteSame's unaligned tests need) no answer passes",
+        r"test_get_lba_status_unmap_single\.c:135\s+- CU_FAIL\(.*lba offset in first "
+        r"descriptor does not",
+    ),
 }
 
 
@@ -155,6 +178,22 @@ class ProfileResult:
 _CUNIT_FAILED = re.compile(r"^FAILED\s*$|^\s+\d+\. \S+\.c:\d+\s+- ", re.M)
 
 
+def _excused(test: str, body: str) -> bool:
+    """Passed by CUnit with only allowed [FAILED] lines, or a known test bug and nothing else."""
+    lines = body.splitlines()
+    asserts = [x for x in lines if re.match(r"\s+\d+\. \S+\.c:\d+\s+- ", x)]
+    logged = [x for x in lines if "[FAILED]" in x and x not in asserts]
+    if test in KNOWN_TEST_BUGS and asserts:
+        bug = re.compile(KNOWN_TEST_BUGS[test][1])
+        return all(bug.search(x) for x in asserts) and not logged
+    if _CUNIT_FAILED.search(body) or "passed" not in body:
+        return False
+    if not logged:
+        return True
+    allowed = re.compile(LOG_ARTIFACTS[test][1]) if test in LOG_ARTIFACTS else None
+    return allowed is not None and all(allowed.search(x) for x in logged)
+
+
 def score_log(text: str) -> tuple[dict[str, Verdict], set[str]]:
     """Per ``Suite.Test``, the verdict by cu_score.py's rule (same splitting, same order), and
     the tests that failed beyond excuse: CUnit failed them, or a "[FAILED]" line in their
@@ -176,10 +215,7 @@ def score_log(text: str) -> tuple[dict[str, Verdict], set[str]]:
                 verdict = "failed"  # no verdict at all: the tool crashed or hung in the test
             test = f"{suite}.{name}"
             verdicts[test] = verdict
-            allowed = re.compile(LOG_ARTIFACTS[test][1]) if test in LOG_ARTIFACTS else None
-            lines = [x for x in body.splitlines() if "FAILED" in x and not _CUNIT_FAILED.match(x)]
-            excused = allowed is not None and all(allowed.search(x) for x in lines)
-            if _CUNIT_FAILED.search(body) or "passed" not in body or (lines and not excused):
+            if not _excused(test, body):
                 real_failures.add(test)
     return verdicts, real_failures
 
@@ -292,6 +328,8 @@ def report(name: str, results: Sequence[ProfileResult]) -> tuple[dict[str, Verdi
     for test in failed:
         if test not in real and test in LOG_ARTIFACTS:
             print(f"{name}: {test}: CUnit passed it; its [FAILED] lines: {LOG_ARTIFACTS[test][0]}")
+        if test not in real and test in KNOWN_TEST_BUGS:
+            print(f"{name}: {test}: a test bug: {KNOWN_TEST_BUGS[test][0]}")
     for r in results:
         if r.error:
             print(f"{name} {r.profile.name}: {r.error}")

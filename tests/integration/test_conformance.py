@@ -32,6 +32,13 @@ Suite: PreventAllow
   Test: LUNReset ...    [FAILED] TESTUNITREADY command failed with status 2 / sense key \
 UNIT_ATTENTION(0x06) / ASCQ BUS_DEVICE_RESET_FUNCTION_OCCURED(0x2903)
 passed
+Suite: GetLBAStatus
+  Test: UnmapSingle ...FAILED
+    1. test_get_lba_status_unmap_single.c:135  - CU_FAIL("[FAILED] GETLBASTATUS command: " \
+"lba offset in first descriptor does not " "match request.")
+  Test: Simple ...FAILED
+    1. test_get_lba_status_simple.c:60  - CU_FAIL("[FAILED] GETLBASTATUS command: " \
+"lba offset in first descriptor does not " "match request.")
 Suite: OrWrite
   Test: Simple ...    [SKIPPED] ORWRITE is not implemented.
 passed
@@ -49,6 +56,8 @@ def test_score_log_follows_cu_score_and_keeps_cunit_verdict() -> None:
         "Reserve6.TargetWarmReset": "failed",
         "iSCSIdatasn.iSCSIDataSnInvalid": "failed",
         "PreventAllow.LUNReset": "failed",
+        "GetLBAStatus.UnmapSingle": "failed",
+        "GetLBAStatus.Simple": "failed",
         "OrWrite.Simple": "skipped",
         "OrWrite.Verify": "failed",
     }
@@ -59,6 +68,7 @@ def test_score_log_follows_cu_score_and_keeps_cunit_verdict() -> None:
         "Reserve6.TargetWarmReset",
         "iSCSIdatasn.iSCSIDataSnInvalid",
         "OrWrite.Verify",
+        "GetLBAStatus.Simple",  # the known test bug's assertion excuses only its own test
     }
     assert "Reserve6.LUNReset" in LOG_ARTIFACTS
 

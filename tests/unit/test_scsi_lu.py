@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from sgtarget.backstores.base import Backstore, Buffers
 from sgtarget.datapath import Pool
-from sgtarget.scsi.constants import Status
-from sgtarget.scsi.lu import COMMANDS, IO_WINDOW, LogicalUnit
+from sgtarget.scsi.constants import IO_WINDOW, Status
+from sgtarget.scsi.lu import COMMANDS, LogicalUnit
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline
 

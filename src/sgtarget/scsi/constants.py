@@ -181,6 +181,16 @@ class PageControl(enum.IntEnum):
     SAVED = 3
 
 
+#: Payload bytes moved per backstore call and per pool allocation (here, not in lu.py, so the
+#: command modules lu.py imports can use it without a circular import).
+IO_WINDOW = 1024 * 1024
+
+
+def io_window(block_size: int) -> int:
+    """``IO_WINDOW`` rounded down to whole blocks, at least one block."""
+    return max(block_size, IO_WINDOW - IO_WINDOW % block_size)
+
+
 #: Peripheral device type of a direct-access block device (SBC).
 DEVICE_TYPE_DISK = 0x00
 #: INQUIRY byte 0 for a LUN that does not exist: qualifier 3, type 0x1F.

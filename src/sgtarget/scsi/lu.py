@@ -32,6 +32,7 @@ from sgtarget.scsi.cdb import (
 )
 from sgtarget.scsi.constants import (
     DEVICE_TYPE_DISK,
+    IO_WINDOW,
     PERIPHERAL_NOT_CONNECTED,
     Asc,
     MaintenanceIn,
@@ -43,6 +44,7 @@ from sgtarget.scsi.constants import (
     Status,
     VersionDescriptor,
     VpdPage,
+    io_window,
 )
 from sgtarget.scsi.lun import encode_lun
 from sgtarget.scsi.modeselect import check_cdb, decode_mode_select, parse_mode_select
@@ -76,8 +78,6 @@ from sgtarget.scsi.xcopy import (
 
 log = logging.getLogger(__name__)
 
-#: Payload bytes moved per backstore call and per pool allocation.
-IO_WINDOW = 1024 * 1024
 #: Largest single command we accept (VPD B0h MAXIMUM TRANSFER LENGTH is derived from it).
 MAX_TRANSFER_BYTES = 8 * 1024 * 1024
 #: Physical block size we report (READ CAPACITY(16) LBPPBE): the page size of the page
@@ -1123,7 +1123,7 @@ class LogicalUnit:
             return
         total = blk.length * bs
         base = blk.lba * bs
-        window = max(bs, IO_WINDOW - IO_WINDOW % bs)
+        window = io_window(bs)
         off = 0
         while off < total:
             n = min(window, total - off)

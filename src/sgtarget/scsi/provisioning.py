@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sgtarget.backstores.base import BackstoreError
 from sgtarget.scsi.cdb import decode_block, u16, u32
-from sgtarget.scsi.constants import Asc, Opcode, SenseKey
+from sgtarget.scsi.constants import Asc, Opcode, SenseKey, io_window
 from sgtarget.scsi.sense import CheckCondition, SenseData, field_pointer
 
 if TYPE_CHECKING:
@@ -217,10 +217,8 @@ async def _write_repeated(
     lu: LogicalUnit, cmd: Cmd, pattern: bytes | None, base: int, total: int
 ) -> None:
     """Write ``pattern`` (``None``: zeros) over ``[base, base + total)`` through one window."""
-    from sgtarget.scsi.lu import IO_WINDOW  # noqa: PLC0415 - lu imports this module
-
     bs = lu.block_size
-    window = min(total, max(bs, IO_WINDOW - IO_WINDOW % bs))
+    window = min(total, io_window(bs))
     sg = await cmd.channel.alloc(window, partial=True)
     try:
         n = sg.length - sg.length % bs

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from sgtarget.backstores.base import BackstoreError
 from sgtarget.datapath import PoolExhausted
 from sgtarget.scsi.cdb import u16
-from sgtarget.scsi.constants import Asc, Opcode, SenseKey
+from sgtarget.scsi.constants import Asc, Opcode, SenseKey, io_window
 from sgtarget.scsi.sense import CheckCondition, SenseData, field_pointer
 
 if TYPE_CHECKING:
@@ -326,8 +326,6 @@ class _Plan:
 
 async def cmd_sanitize(lu: LogicalUnit, cmd: Cmd) -> None:
     """SANITIZE: validate, start the LU's job, and wait for it unless IMMED."""
-    from sgtarget.scsi.lu import IO_WINDOW  # noqa: PLC0415 - lu imports this module
-
     task = cmd.task
     bs = lu.block_size
     sc = decode_sanitize(cmd.cdb, bs)
@@ -346,7 +344,7 @@ async def cmd_sanitize(lu: LogicalUnit, cmd: Cmd) -> None:
     window = None
     if params is not None or not lu.thin:
         size = lu.num_blocks * bs
-        want = min(size, max(bs, IO_WINDOW - IO_WINDOW % bs))
+        want = min(size, io_window(bs))
         window = await cmd.channel.alloc(want, partial=True)
         window.truncate(window.length - window.length % bs)
         if not window.length:

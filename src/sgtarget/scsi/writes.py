@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sgtarget.datapath import ScatterList
 from sgtarget.scsi.cdb import decode_block
-from sgtarget.scsi.constants import Asc, SenseKey
+from sgtarget.scsi.constants import IO_WINDOW, Asc, SenseKey
 from sgtarget.scsi.sense import CheckCondition, SenseData
 
 if TYPE_CHECKING:
@@ -31,18 +31,12 @@ _BAD_IU = SenseData(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_U
 _OR_CHUNK = 64 * 1024
 
 
-def _io_window() -> int:
-    from sgtarget.scsi.lu import IO_WINDOW  # noqa: PLC0415 - lu imports this module
-
-    return IO_WINDOW
-
-
 # ---- WRITE ATOMIC limits (VPD B0h) ---------------------------------------------------------
 
 
 def max_atomic_blocks(lu: LogicalUnit) -> int:
     """MAXIMUM ATOMIC TRANSFER LENGTH: one window, received whole before it is stored."""
-    return min(_io_window() // lu.block_size, lu.max_transfer_blocks)
+    return min(IO_WINDOW // lu.block_size, lu.max_transfer_blocks)
 
 
 def fill_atomic_limits(lu: LogicalUnit, body: bytearray) -> None:
@@ -133,7 +127,7 @@ async def cmd_orwrite(lu: LogicalUnit, cmd: Cmd) -> None:
         return
     base = blk.lba * bs
     total = nblocks * bs
-    window = _io_window()
+    window = IO_WINDOW
     sent = await lu._receive(cmd, 0, min(window, total), partial=True)
     if sent is None:
         return

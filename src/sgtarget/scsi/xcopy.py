@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sgtarget.scsi.cdb import u32
-from sgtarget.scsi.constants import Asc, Opcode, SenseKey, Status
+from sgtarget.scsi.constants import IO_WINDOW, Asc, Opcode, SenseKey, Status
 from sgtarget.scsi.reservations import Conflict
 from sgtarget.scsi.sense import FIXED_LENGTH, CheckCondition, SenseData, field_pointer
 
@@ -46,8 +46,6 @@ TOTAL_CONCURRENT_COPIES = 256
 MAX_CONCURRENT_COPIES = 255
 #: Segment lengths are whole blocks of at least 512 bytes (log2).
 DATA_SEGMENT_GRANULARITY = 9
-#: Bytes moved per backstore call: each chunk is one pool allocation (see _copy_blocks).
-COPY_CHUNK = 1024 * 1024
 
 HEADER_LEN = 16
 CSCD_LEN = 32
@@ -538,7 +536,7 @@ async def _copy_blocks(
     unit = max(src.block_size, dst.block_size)
     done = 0
     while done < total:
-        sg = await cmd.channel.alloc(min(COPY_CHUNK, total - done), partial=True)
+        sg = await cmd.channel.alloc(min(IO_WINDOW, total - done), partial=True)
         try:
             n = sg.length - sg.length % unit if sg.length > unit else sg.length
             n = min(n, total - done)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -24,14 +22,6 @@ from .scsi_fakes import NEXUS, OTHER_NEXUS, FakeChannel, MemBackstore, make_task
 BS = 512
 NBLOCKS = 32768  # 16 MiB
 TARGET_NAME = "iqn.2024-01.test:tgt"
-
-
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    p = Pool(size=8 * 1024 * 1024, block_size=64 * 1024)
-    yield p
-    gc.collect()  # tracebacks kept by logging capture may still reference arena views
-    p.close()
 
 
 @pytest.fixture

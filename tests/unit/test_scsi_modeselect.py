@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -140,14 +137,6 @@ def test_any_list_is_parsed_or_refused_precisely(data: bytes) -> None:
 
 
 # ---- through a LogicalUnit: SWP write-protects, others get a unit attention, reset clears it
-
-
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    p = Pool(size=1024 * 1024, block_size=64 * 1024)
-    yield p
-    gc.collect()
-    p.close()
 
 
 @pytest.fixture

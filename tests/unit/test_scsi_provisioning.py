@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,14 +63,6 @@ class ThinMem(MemBackstore):
             else:
                 out.append((b * BS, BS, mapped))
         return out
-
-
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    p = Pool(size=8 * 1024 * 1024, block_size=64 * 1024)
-    yield p
-    gc.collect()
-    p.close()
 
 
 @pytest.fixture

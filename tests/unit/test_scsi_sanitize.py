@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-from collections.abc import Iterator
 
 import pytest
 
@@ -42,14 +40,6 @@ class ThinMem(MemBackstore):
     def discard(self, offset: int, length: int) -> None:
         self.discards.append((offset, length))
         self.data[offset : offset + length] = bytes(length)
-
-
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    p = Pool(size=8 * 1024 * 1024, block_size=64 * 1024)
-    yield p
-    gc.collect()
-    p.close()
 
 
 @pytest.fixture

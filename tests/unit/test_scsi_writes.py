@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -21,14 +20,6 @@ T = TypeVar("T")
 BS = 512
 NBLOCKS = 4096
 TARGET_NAME = "iqn.2024-01.test:tgt"
-
-
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    p = Pool(size=8 * 1024 * 1024, block_size=64 * 1024)
-    yield p
-    gc.collect()
-    p.close()
 
 
 @pytest.fixture

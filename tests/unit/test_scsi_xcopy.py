@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-
 import pytest
 
 from sgtarget.datapath import Pool
@@ -26,14 +23,6 @@ BS = 512
 NBLOCKS = 8192  # 4 MiB per LU
 TARGET_NAME = "iqn.2024-01.test:xcopy"
 NAA = bytes.fromhex("6000000faada340b039cc39fa3137de1")
-
-
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    p = Pool(size=8 * 1024 * 1024, block_size=64 * 1024)
-    yield p
-    gc.collect()
-    p.close()
 
 
 @pytest.fixture

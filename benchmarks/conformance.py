@@ -177,14 +177,16 @@ class ProfileResult:
         return sum(1 for v in self.verdicts.values() if v == verdict)
 
 
+#: CUnit's list of a failed test's assertions: "    1. file.c:123  - CU_ASSERT...".
+_CUNIT_ASSERT = r"^\s+\d+\. \S+\.c:\d+\s+- "
 #: CUnit's own failure report for a test: "FAILED" alone on a line, or an assertion line.
-_CUNIT_FAILED = re.compile(r"^FAILED\s*$|^\s+\d+\. \S+\.c:\d+\s+- ", re.M)
+_CUNIT_FAILED = re.compile(rf"^FAILED\s*$|{_CUNIT_ASSERT}", re.M)
 
 
 def _excused(test: str, body: str) -> bool:
     """Passed by CUnit with only allowed [FAILED] lines, or a known test bug and nothing else."""
     lines = body.splitlines()
-    asserts = [x for x in lines if re.match(r"\s+\d+\. \S+\.c:\d+\s+- ", x)]
+    asserts = [x for x in lines if re.match(_CUNIT_ASSERT, x)]
     logged = [x for x in lines if "[FAILED]" in x and x not in asserts]
     if test in KNOWN_TEST_BUGS and asserts:
         bug = re.compile(KNOWN_TEST_BUGS[test][1])

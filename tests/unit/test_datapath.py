@@ -93,6 +93,20 @@ def test_copy_in_to_bytes_and_copied_bytes_accounting() -> None:
     assert sg.copy_in(b"x" * 50, 3 * BS - 10) == 10
 
 
+@given(st.binary(min_size=1, max_size=700), st.integers(0, 3 * 4096))
+def test_fill_repeats_the_pattern_and_counts_it(pattern: bytes, length: int) -> None:
+    pool = Pool(4 * 4096, 4096)
+    sg = pool.alloc(3 * 4096)
+    sg.zero()
+    sg.fill(pattern, length, reason="test")
+    want = (pattern * (length // len(pattern) + 1))[: min(length, sg.length)]
+    assert sg.to_bytes(0, len(want)) == want
+    assert sg.to_bytes(len(want)) == bytes(sg.length - len(want))
+    assert pool.stats.copied_bytes == len(want)
+    sg.release()
+    pool.close()
+
+
 def test_views_of_a_range_across_segments() -> None:
     pool = Pool(8 * BS, BS)
     holes = [pool.alloc(BS) for _ in range(8)]

@@ -127,6 +127,15 @@ class ScatterList:
         """A copy of the contents; for emulated commands and tests, never for payload."""
         return b"".join(self.views(offset, length))
 
+    def fill(self, pattern: BytesLike, length: int, *, reason: str) -> None:
+        """Repeat ``pattern`` over the first ``length`` bytes, copied 64 KiB at a time.
+
+        Counted as copies under ``reason``, as ``copy_in`` counts them.
+        """
+        chunk = bytes(pattern) * max(1, 65536 // len(pattern))
+        for off in range(0, length, len(chunk)):
+            self.copy_in(memoryview(chunk)[: length - off], off, reason=reason)
+
     def zero(self, offset: int = 0, length: int | None = None) -> None:
         for view in self.views(offset, length):
             view[:] = bytes(len(view))

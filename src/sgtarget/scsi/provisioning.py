@@ -228,9 +228,7 @@ async def _write_repeated(
             sg.zero(0, n)
         else:
             # Filled once, written as often as needed: the range is never held in memory.
-            chunk = pattern * max(1, 65536 // bs)
-            for off in range(0, n, len(chunk)):
-                sg.copy_in(memoryview(chunk)[: n - off], off, reason="write-same")
+            sg.fill(pattern, n, reason="write-same")
         pos = 0
         while pos < total:
             m = min(n, total - pos)

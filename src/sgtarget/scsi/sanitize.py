@@ -310,9 +310,7 @@ class _Plan:
         if image is None:
             sg.zero(0, n)
         else:
-            chunk = image * max(1, 65536 // len(image))
-            for off in range(0, n, len(chunk)):
-                sg.copy_in(memoryview(chunk)[: n - off], off, reason="sanitize")
+            sg.fill(image, n, reason="sanitize")
         loop = asyncio.get_running_loop()
         started = loop.time()
         pos = 0

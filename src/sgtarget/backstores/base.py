@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import abc
 import mmap
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import ClassVar, Protocol
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from sgtarget.datapath.bounce import ConsumerLimits
 
 Buffers = Sequence[memoryview]
+T = TypeVar("T")
+#: ``(offset, length, mapped)`` runs of a range (GET LBA STATUS).
+Extents = list[tuple[int, int, bool]]
 
 # Zeros for ``discard``'s fallback: an anonymous read-only mapping is page aligned, so it also
 # suits O_DIRECT files, and shared so no discard allocates a zero buffer of its own.
@@ -26,6 +29,30 @@ _ZERO_RUN = 1024 * 1024
 
 class BackstoreError(Exception):
     """An I/O failure of the medium; the SCSI layer answers MEDIUM ERROR."""
+
+
+class BackstoreBusy(BackstoreError):
+    """The backstore cannot run the I/O now but may shortly (a handler process restarting).
+
+    The SCSI layer answers BUSY, which initiators retry (SAM-5 5.3.1), instead of an error.
+    """
+
+
+class Runner(Protocol):
+    """Runs a blocking call off the event loop (a thread pool) or inline; awaited either way."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+class BackstoreIO(Protocol):
+    """A backstore's operations as the SCSI layer awaits them (see ``Backstore.io``)."""
+
+    async def readv(self, offset: int, bufs: Buffers) -> int: ...
+    async def writev(self, offset: int, bufs: Buffers) -> int: ...
+    async def flush(self) -> None: ...
+    async def prefetch(self, offset: int, length: int) -> None: ...
+    async def discard(self, offset: int, length: int) -> None: ...
+    async def mapped_extents(self, offset: int, length: int) -> Extents: ...
 
 
 class Backstore(abc.ABC):
@@ -68,7 +95,7 @@ class Backstore(abc.ABC):
             self.writev(offset, views)
             offset += n
 
-    def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    def mapped_extents(self, offset: int, length: int) -> Extents:
         """``(offset, length, mapped)`` runs covering the range, in order (GET LBA STATUS).
 
         The default model: everything is mapped.
@@ -78,8 +105,50 @@ class Backstore(abc.ABC):
     def close(self) -> None:  # noqa: B027
         """Release resources; flushes first where that matters."""
 
+    def io(self, runner: Runner) -> BackstoreIO:
+        """The operations the SCSI layer awaits.
+
+        The synchronous methods run through ``runner`` (a thread pool) when they may block,
+        inline when not. A backstore whose I/O completes asynchronously by itself (a handler
+        process behind a ring) overrides this and skips the thread hop.
+        """
+        return RunnerIO(self, runner if self.blocking else run_inline)
+
     def describe(self) -> str:
         return f"{self.kind} ({self.size} bytes)"
+
+
+async def run_inline(fn: Callable[..., T], /, *args: Any) -> T:
+    """A ``Runner`` for calls cheap enough to run on the event loop."""
+    return fn(*args)
+
+
+class RunnerIO:
+    """``BackstoreIO`` for a synchronous backstore: each call through a ``Runner``."""
+
+    __slots__ = ("_bs", "_run")
+
+    def __init__(self, backstore: Backstore, runner: Runner) -> None:
+        self._bs = backstore
+        self._run = runner
+
+    async def readv(self, offset: int, bufs: Buffers) -> int:
+        return await self._run(self._bs.readv, offset, bufs)
+
+    async def writev(self, offset: int, bufs: Buffers) -> int:
+        return await self._run(self._bs.writev, offset, bufs)
+
+    async def flush(self) -> None:
+        await self._run(self._bs.flush)
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        await self._run(self._bs.prefetch, offset, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._run(self._bs.discard, offset, length)
+
+    async def mapped_extents(self, offset: int, length: int) -> Extents:
+        return await self._run(self._bs.mapped_extents, offset, length)
 
 
 class BackstoreFactory(Protocol):

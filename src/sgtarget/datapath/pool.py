@@ -1,9 +1,9 @@
 """The payload pool: one page-aligned MAP_SHARED arena carved into fixed-size blocks.
 
 Every payload byte that crosses sgtarget lives in a pool block: the socket receives into them, the
-backstore reads into and writes from them, and Data-In PDUs are sent from them. Because the arena
-is an anonymous shared mapping it is page aligned (usable with O_DIRECT) and can be shared with a
-handler process without a copy.
+backstore reads into and writes from them, and Data-In PDUs are sent from them. The arena is a
+shared mapping of a memfd: page aligned (usable with O_DIRECT), and a handler process given
+``fd`` maps the very same pages, so payload crosses the process boundary without a copy.
 
 Blocks are handed out by a byte map (one byte per block, 0 = free) searched with
 ``bytearray.find``, which runs in C. The search is confined below a threshold that grows only
@@ -20,6 +20,7 @@ cannot wait: ordinary allocations stop short of it.
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Callable
 
 from sgtarget.datapath.sglist import ScatterList
@@ -48,6 +49,7 @@ class Pool:
         "_thresh",
         "arena",
         "block_size",
+        "fd",
         "nblocks",
         "on_free",
         "reserve_blocks",
@@ -64,7 +66,14 @@ class Pool:
         self.block_size = block_size
         self.nblocks = size // block_size
         self.size = self.nblocks * block_size
-        self._mmap = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED)
+        #: The memfd behind the arena (close-on-exec): pass it to processes that share it.
+        self.fd = os.memfd_create("sgtarget-pool", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._mmap = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.arena = memoryview(self._mmap)
         self._map = bytearray(self.nblocks)
         # Search the first blocks only until demand pushes past them.
@@ -173,3 +182,6 @@ class Pool:
     def close(self) -> None:
         self.arena.release()
         self._mmap.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sgtarget.backstores.base import Backstore, BackstoreError
+from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError
 from sgtarget.datapath import PoolExhausted, ScatterList, bounce
 from sgtarget.scsi.cdb import (
     BlockCdb,
@@ -67,7 +67,7 @@ from sgtarget.scsi.reservations import (
 )
 from sgtarget.scsi.sanitize import BDC_ERASE_READS, SanitizeAction, Sanitizer, cmd_sanitize
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
-from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
+from sgtarget.scsi.task import BlockingRunner, DataChannel, Task
 from sgtarget.scsi.writes import cmd_orwrite, cmd_write_atomic, fill_atomic_limits
 from sgtarget.scsi.xcopy import (
     CopyResults,
@@ -295,8 +295,8 @@ class LogicalUnit:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
         self.backstore = backstore
-        # Non-blocking backstores (RAM, null) are cheap enough to run on the event loop.
-        self._run: BlockingRunner = runner if backstore.blocking else run_inline
+        #: The backstore's operations as awaitables (a thread pool for blocking kinds).
+        self.io = backstore.io(runner)
         self.identity = identity
         self.block_size = block_size
         self.vendor = vendor
@@ -447,6 +447,10 @@ class LogicalUnit:
         except PoolExhausted:
             task.status = Status.TASK_SET_FULL
             task.sense = b""
+        except BackstoreBusy as exc:
+            log.info("BUSY for CDB %s on %s: %s", task.cdb.hex(), self.identity, str(exc))
+            task.status = Status.BUSY
+            task.sense = b""
         except Exception:
             log.exception(
                 "internal error executing CDB %s (lun %s, tag %#x, nexus %s)",
@@ -483,8 +487,10 @@ class LogicalUnit:
 
     async def _flush(self) -> None:
         try:
-            await self._run(self.backstore.flush)
+            await self.io.flush()
             return
+        except BackstoreBusy:
+            raise
         except BackstoreError as exc:
             log.warning("flush failed on %s: %s", self.identity, str(exc))
         raise CheckCondition.of(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR)
@@ -503,7 +509,7 @@ class LogicalUnit:
         bs = self.backstore
         try:
             await bounce.read_into(
-                lambda at, views: self._run(bs.readv, at, views),
+                self.io.readv,
                 sg,
                 n,
                 offset,
@@ -511,6 +517,8 @@ class LogicalUnit:
                 alloc=channel.alloc if channel is not None else None,
             )
             return
+        except BackstoreBusy:
+            raise
         except BackstoreError as exc:
             log.warning(
                 "read of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
@@ -525,16 +533,18 @@ class LogicalUnit:
         bs = self.backstore
         try:
             await bounce.write_from(
-                lambda at, views: self._run(bs.writev, at, views),
+                self.io.writev,
                 sg,
                 n,
                 offset,
-                read=lambda at, views: self._run(bs.readv, at, views),
+                read=self.io.readv,
                 limits=bs.limits,
                 alloc=channel.alloc if channel is not None else None,
                 order=bounce.write_order(bs) if bs.limits is not None else None,
             )
             return
+        except BackstoreBusy:
+            raise
         except BackstoreError as exc:
             log.warning(
                 "write of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
@@ -822,7 +832,7 @@ class LogicalUnit:
         self._check_range(blk.lba, blk.length)
         if blk.length:
             bs = self.block_size
-            await self._run(self.backstore.prefetch, blk.lba * bs, blk.length * bs)
+            await self.io.prefetch(blk.lba * bs, blk.length * bs)
 
     async def _cmd_read_defect_data(self, cmd: Cmd) -> None:
         """READ DEFECT DATA(10/12): a virtual medium has no defects, so an empty list.

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from sgtarget.backstores.base import BackstoreError
+from sgtarget.backstores.base import BackstoreBusy, BackstoreError
 from sgtarget.scsi.cdb import decode_block, u16, u32
 from sgtarget.scsi.constants import Asc, Opcode, SenseKey, io_window
 from sgtarget.scsi.sense import CheckCondition, SenseData, field_pointer
@@ -158,8 +158,10 @@ async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
 
 async def _discard(lu: LogicalUnit, offset: int, length: int) -> None:
     try:
-        await lu._run(lu.backstore.discard, offset, length)
+        await lu.io.discard(offset, length)
         return
+    except BackstoreBusy:
+        raise
     except BackstoreError as exc:
         log.warning("discard of %d bytes at %d failed on %s: %s", length, offset, lu.identity, exc)
     raise CheckCondition.of(
@@ -298,7 +300,9 @@ async def cmd_get_lba_status(lu: LogicalUnit, cmd: Cmd) -> None:
     end = min(lu.num_blocks, lba + max(1, LBA_STATUS_SCAN_BYTES // bs))
     if lu.thin:
         try:
-            extents = await lu._run(lu.backstore.mapped_extents, lba * bs, (end - lba) * bs)
+            extents = await lu.io.mapped_extents(lba * bs, (end - lba) * bs)
+        except BackstoreBusy:
+            raise
         except BackstoreError as exc:
             log.warning("mapped extents at LBA %d failed on %s: %s", lba, lu.identity, exc)
             extents = None

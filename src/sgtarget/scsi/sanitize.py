@@ -293,7 +293,7 @@ class _Plan:
         while off < self.size:
             n = min(DISCARD_CHUNK, self.size - off)
             try:
-                await lu._run(lu.backstore.discard, off, n)
+                await lu.io.discard(off, n)
             except BackstoreError as exc:
                 # Text only: the exception must not outlive this frame (see lu.py).
                 log.warning("sanitize discard at %d failed on %s: %s", off, lu.identity, exc)

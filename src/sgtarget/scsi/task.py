@@ -13,10 +13,19 @@ the initiator's expected length (EDTL) and reports overflow or underflow.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from sgtarget.backstores.base import Runner, run_inline
 from sgtarget.datapath import ScatterList
+
+__all__ = [
+    "BlockingRunner",
+    "DataChannel",
+    "DataDirection",
+    "Nexus",
+    "Task",
+    "run_inline",
+]
 
 T = TypeVar("T")
 
@@ -120,12 +129,5 @@ class DataChannel(Protocol):
         ...
 
 
-class BlockingRunner(Protocol):
-    """Runs a blocking backstore call: a thread pool in the server, inline in tests."""
-
-    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
-
-
-async def run_inline(fn: Callable[..., T], /, *args: Any) -> T:
-    """A ``BlockingRunner`` for non-blocking backstores and tests."""
-    return fn(*args)
+#: Runs a blocking backstore call: a thread pool in the server, inline in tests.
+BlockingRunner = Runner

@@ -89,7 +89,7 @@ class TargetServer:
         luns = [
             LogicalUnit(
                 bs,
-                runner=self._run_blocking if bs.blocking else _run_inline,
+                runner=self._run_blocking,
                 identity=f"{config.iqn}/lun{i}",
                 **dataclasses.asdict(options[i]),
             )
@@ -240,10 +240,6 @@ class TargetServer:
             except Exception:
                 log.exception("closing backstore %s failed", bs.describe())
         self.executor.shutdown(wait=True)
-
-
-async def _run_inline(fn: Callable[..., T], /, *args: Any) -> T:
-    return fn(*args)
 
 
 def describe_luns(backstores: Sequence[Backstore]) -> list[str]:

@@ -351,7 +351,7 @@ def test_lun_spec_is_read_only() -> None:
     with pytest.raises(TypeError):
         spec.params["size"] = "2G"  # type: ignore[index]
     assert spec == LunSpec("ram", {"size": "1G"})  # text does not take part in equality
-    assert {"thin", "readonly", "removable"} == LUN_KEYS
+    assert {"thin", "readonly", "removable", "unmap", "physical_block_size"} == LUN_KEYS
 
 
 def test_lun_keys_are_split_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,14 @@ from sgtarget.backstores.base import BackstoreError
 from sgtarget.backstores.file import FileBackstore
 from sgtarget.backstores.ram import RamBackstore
 from sgtarget.cli.main import main as cli_main
-from sgtarget.cli.specs import LUN_FLAGS, LUN_KEYS, build_backstore, lun_flags, parse_lun_spec
+from sgtarget.cli.specs import (
+    LUN_FLAGS,
+    LUN_KEYS,
+    LUN_SIZES,
+    build_backstore,
+    lun_flags,
+    parse_lun_spec,
+)
 from sgtarget.datapath import Pool
 from sgtarget.scsi.constants import Status
 from sgtarget.scsi.lu import COMMANDS, CommandSpec, LogicalUnit
@@ -118,23 +125,18 @@ MEDIUM = [s for s in COMMANDS if s.medium or s.writes]
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("ram:size=1M", {"thin": False, "readonly": False, "removable": False}),
-        ("ram:size=1M,readonly=1", {"thin": False, "readonly": True, "removable": False}),
-        ("ram:removable=yes,size=1M", {"thin": False, "readonly": False, "removable": True}),
-        (
-            "file:/x.img,readonly=TRUE,removable=1,thin=1",
-            {"thin": True, "readonly": True, "removable": True},
-        ),
-        (
-            "null:size=1M,readonly=0,removable=no",
-            {"thin": False, "readonly": False, "removable": False},
-        ),
+        ("ram:size=1M", {"readonly": False, "removable": False}),
+        ("ram:size=1M,readonly=1", {"readonly": True, "removable": False}),
+        ("ram:removable=yes,size=1M", {"readonly": False, "removable": True}),
+        ("file:/x.img,readonly=TRUE,removable=1,thin=1", {"readonly": True, "removable": True}),
+        ("null:size=1M,readonly=0,removable=no", {"readonly": False, "removable": False}),
     ],
 )
 def test_lun_flags(text: str, expected: dict[str, bool]) -> None:
     spec = parse_lun_spec(text)
     assert not LUN_KEYS & set(spec.params)  # never handed to the factory as parameters
-    assert lun_flags(spec) == expected
+    thin = "thin=1" in text
+    assert lun_flags(spec) == {"thin": thin, **expected, "unmap": True}
 
 
 @pytest.mark.parametrize("key", ["readonly", "removable"])
@@ -156,7 +158,7 @@ def test_empty_and_duplicate_flags_are_refused() -> None:
 
 def test_flags_are_lun_options_and_lu_keywords() -> None:
     fields = {f.name for f in dataclasses.fields(LunOptions)}
-    assert fields == set(LUN_FLAGS) == LUN_KEYS
+    assert fields == set(LUN_FLAGS) | set(LUN_SIZES) == LUN_KEYS
     params = inspect.signature(LogicalUnit).parameters
     assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in fields)
 

@@ -15,6 +15,7 @@ from sgtarget.cli.specs import (
     LunSpec,
     build_backstore,
     lun_flags,
+    lun_physical_block_size,
     parse_iqn,
     parse_lun_spec,
     parse_portal,
@@ -78,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="file:PATH[,size=SIZE][,direct=1] | ram:size=SIZE | null:size=SIZE, each "
         "with optional LUN flags ,thin=1 (UNMAP / thin provisioning), ,readonly=1 "
-        "(write-protected; a file is opened read-only) and ,removable=1 (removable medium: "
-        "PREVENT ALLOW MEDIUM REMOVAL, eject/load with START STOP UNIT) "
+        "(write-protected; a file is opened read-only), ,removable=1 (removable medium: "
+        "PREVENT ALLOW MEDIUM REMOVAL, eject/load with START STOP UNIT), ,unmap=0 (with "
+        "thin=1: no UNMAP command, WRITE SAME with UNMAP only) and ,physical_block_size=SIZE "
+        "(512 to 64K, default 4K) "
         "(repeatable; LUNs are numbered from 0 in order)",
     )
     serve.add_argument(
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in specs:
             # LUN keys first: a bad value should not leave a file created behind it.
-            options.append(LunOptions(**lun_flags(spec)))
+            pbs = lun_physical_block_size(spec)
+            options.append(LunOptions(**lun_flags(spec), physical_block_size=pbs))
             backstores.append(build_backstore(spec))
     except ValueError as exc:
         for bs in backstores:

@@ -16,17 +16,20 @@ from types import MappingProxyType
 # Importing the package registers every backstore kind.
 import sgtarget.backstores  # noqa: F401
 from sgtarget.backstores.base import Backstore, BackstoreError, create, registered_kinds
+from sgtarget.scsi.constants import MAX_PHYSICAL_BLOCK_SIZE
 from sgtarget.units import format_size, parse_size
 
 __all__ = [
     "DEFAULT_ISCSI_PORT",
     "LUN_FLAGS",
     "LUN_KEYS",
+    "LUN_SIZES",
     "LunSpec",
     "build_backstore",
     "format_size",
     "lun_flag",
     "lun_flags",
+    "lun_physical_block_size",
     "parse_iqn",
     "parse_lun_spec",
     "parse_portal",
@@ -134,17 +137,29 @@ def parse_iqn(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Backstore parameters and --lun specs
 
-#: Keys of a ``--lun`` spec that configure the LUN rather than its backstore, all on/off flags,
-#: with what they turn on. They are split off into ``LunSpec.lun_params``, never reach the
-#: backstore factory as parameters, and are the fields of ``server.target.LunOptions``.
+#: Keys of a ``--lun`` spec that configure the LUN rather than its backstore: on/off flags,
+#: with what they turn on, and sizes (``LUN_SIZES``). They are split off into
+#: ``LunSpec.lun_params``, never reach the backstore factory as parameters, and are the fields
+#: of ``server.target.LunOptions``.
 LUN_FLAGS: Mapping[str, str] = MappingProxyType(
     {
         "thin": "thin provisioning (UNMAP, WRITE SAME with UNMAP)",
         "readonly": "write-protected: every command that would modify the medium is refused",
         "removable": "removable medium (PREVENT ALLOW MEDIUM REMOVAL, eject and load)",
+        "unmap": "with thin=1, the UNMAP command (on unless unmap=0; WRITE SAME with UNMAP "
+        "deallocates either way)",
     }
 )
-LUN_KEYS: frozenset[str] = frozenset(LUN_FLAGS)
+#: Flags that are on unless the spec turns them off.
+_FLAGS_ON = frozenset({"unmap"})
+#: LUN keys whose value is a size in bytes, with what they set.
+LUN_SIZES: Mapping[str, str] = MappingProxyType(
+    {
+        "physical_block_size": "physical block size reported to initiators (a power of two "
+        f"from 512 to {format_size(MAX_PHYSICAL_BLOCK_SIZE)}; default 4K)",
+    }
+)
+LUN_KEYS: frozenset[str] = frozenset(LUN_FLAGS) | frozenset(LUN_SIZES)
 _BOOLS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 
 #: Kinds whose first element may be a bare value, and the key it stands for.
@@ -214,10 +229,11 @@ def parse_lun_spec(text: str) -> LunSpec:
 
 
 def lun_flag(spec: LunSpec, key: str) -> bool:
-    """One LUN key of ``spec`` (``thin``, ``readonly``, ...) as a flag; off when not given."""
+    """One LUN key of ``spec`` (``thin``, ``readonly``, ...) as a flag; when not given, off
+    (on for ``unmap``)."""
     if key not in LUN_FLAGS:
         raise KeyError(key)
-    raw = spec.lun_params.get(key, "0")
+    raw = spec.lun_params.get(key, "1" if key in _FLAGS_ON else "0")
     value = _BOOLS.get(raw.lower())
     if value is None:
         raise ValueError(
@@ -228,8 +244,39 @@ def lun_flag(spec: LunSpec, key: str) -> bool:
 
 
 def lun_flags(spec: LunSpec) -> dict[str, bool]:
-    """Every LUN key as a flag, keyed like ``LunOptions``'s fields: ``LunOptions(**flags)``."""
-    return {key: lun_flag(spec, key) for key in LUN_FLAGS}
+    """Every LUN flag, keyed like ``LunOptions``'s fields: ``LunOptions(**flags)``.
+
+    ``unmap=1`` given without ``thin=1`` is refused: only a thin LUN has UNMAP (``unmap=0`` on
+    a fully provisioned LUN says what it is anyway, and is accepted).
+    """
+    flags = {key: lun_flag(spec, key) for key in LUN_FLAGS}
+    if "unmap" in spec.lun_params and flags["unmap"] and not flags["thin"]:
+        raise ValueError(
+            f"invalid LUN spec {spec.text or spec.kind!r}: unmap=1 needs thin=1 (only a thin "
+            "LUN has UNMAP)"
+        )
+    return flags
+
+
+def lun_physical_block_size(spec: LunSpec) -> int | None:
+    """``physical_block_size=SIZE`` in bytes: a power of two from 512 (the logical block size)
+    to ``MAX_PHYSICAL_BLOCK_SIZE``; ``None`` when not given (the LU's default, 4K)."""
+    raw = spec.lun_params.get("physical_block_size")
+    if raw is None:
+        return None
+
+    def fail(reason: str) -> ValueError:
+        return ValueError(
+            f"invalid LUN spec {spec.text or spec.kind!r}: physical_block_size={raw!r} {reason}"
+        )
+
+    try:
+        size = parse_size(raw)
+    except ValueError:
+        raise fail("is not a size (e.g. 512, 4K)") from None
+    if size & (size - 1) or not 512 <= size <= MAX_PHYSICAL_BLOCK_SIZE:
+        raise fail(f"is not a power of two from 512 to {format_size(MAX_PHYSICAL_BLOCK_SIZE)}")
+    return size
 
 
 def build_backstore(spec: LunSpec) -> Backstore:

@@ -191,6 +191,10 @@ def io_window(block_size: int) -> int:
     return max(block_size, IO_WINDOW - IO_WINDOW % block_size)
 
 
+#: Largest physical block size a LUN may report (``physical_block_size=``, READ CAPACITY(16)
+#: LBPPBE); the CLI checks it too. QEMU and LIO stay well below what the 4-bit field allows.
+MAX_PHYSICAL_BLOCK_SIZE = 64 * 1024
+
 #: Peripheral device type of a direct-access block device (SBC).
 DEVICE_TYPE_DISK = 0x00
 #: INQUIRY byte 0 for a LUN that does not exist: qualifier 3, type 0x1F.

@@ -33,6 +33,7 @@ from sgtarget.scsi.cdb import (
 from sgtarget.scsi.constants import (
     DEVICE_TYPE_DISK,
     IO_WINDOW,
+    MAX_PHYSICAL_BLOCK_SIZE,
     PERIPHERAL_NOT_CONNECTED,
     Asc,
     MaintenanceIn,
@@ -80,8 +81,9 @@ log = logging.getLogger(__name__)
 
 #: Largest single command we accept (VPD B0h MAXIMUM TRANSFER LENGTH is derived from it).
 MAX_TRANSFER_BYTES = 8 * 1024 * 1024
-#: Physical block size we report (READ CAPACITY(16) LBPPBE): the page size of the page
-#: caches and filesystems under the backstores, so initiators align their I/O to it.
+#: Default physical block size (``physical_block_size=``; READ CAPACITY(16) LBPPBE): the
+#: page size of the page caches and filesystems under the backstores, so initiators align
+#: their I/O to it.
 PHYSICAL_BLOCK_SIZE = 4096
 #: Key for tasks that arrive without a nexus (tests, internal callers).
 DEFAULT_NEXUS_KEY = "<no nexus>"
@@ -157,7 +159,7 @@ class CommandSpec:
     ua_exempt: bool = False
     #: Recommended timeout in seconds for RSOC's command timeouts descriptor (0: unknown).
     timeout: int = 0
-    #: For commands only some LUs have (UNMAP on thin LUs): RSOC leaves them out elsewhere,
+    #: For commands only some LUs have (UNMAP where LBPU): RSOC leaves them out elsewhere,
     #: and their handler answers INVALID COMMAND OPERATION CODE there.
     supported: Callable[[LogicalUnit], bool] | None = None
     #: Modifies the medium: refused with DATA PROTECT on a write-protected (``readonly``) LU
@@ -291,9 +293,20 @@ class LogicalUnit:
         thin: bool = False,
         readonly: bool = False,
         removable: bool = False,
+        unmap: bool = True,
+        physical_block_size: int | None = None,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
+        # Default: PHYSICAL_BLOCK_SIZE, or one logical block if that is larger.
+        pbs = physical_block_size
+        if pbs is None:
+            pbs = max(PHYSICAL_BLOCK_SIZE, block_size)
+        if not block_size <= pbs <= MAX_PHYSICAL_BLOCK_SIZE or pbs & (pbs - 1):
+            raise ValueError(
+                f"physical block size {pbs} is not a power of two from the logical block size "
+                f"({block_size}) to {MAX_PHYSICAL_BLOCK_SIZE}"
+            )
         self.backstore = backstore
         #: The backstore's operations as awaitables (a thread pool for blocking kinds).
         self.io = backstore.io(runner)
@@ -304,6 +317,9 @@ class LogicalUnit:
         self.revision = revision
         #: Thin provisioned: UNMAP and WRITE SAME's UNMAP bit deallocate (see provisioning.py).
         self.thin = thin
+        #: LBPU (VPD B2h): a thin LU has the UNMAP command unless ``unmap=False``, which
+        #: leaves WRITE SAME with UNMAP as its only way to deallocate (LIO's emulate_tpu).
+        self.lbpu = thin and unmap
         #: Write-protected by configuration (``readonly=1``); ``readonly`` adds SWP to it.
         self.media_readonly = readonly
         #: Software write protect, the control mode page's SWP bit (MODE SELECT): the medium is
@@ -318,8 +334,9 @@ class LogicalUnit:
         self._prevent: set[str] = set()
         self.num_blocks = backstore.size // block_size
         self.max_transfer_blocks = MAX_TRANSFER_BYTES // block_size
+        self.physical_block_size = pbs
         #: Logical blocks per physical block (a power of two).
-        self.lbppb = max(1, PHYSICAL_BLOCK_SIZE // block_size)
+        self.lbppb = pbs // block_size
         digest = hashlib.sha256(identity.encode()).digest()
         #: VPD 80h unit serial number: stable across restarts because it comes from identity.
         self.serial = digest[:16].hex()
@@ -1268,7 +1285,7 @@ COMMANDS = OpcodeTable(
                     writes=True),
         CommandSpec(Opcode.UNMAP, None, "UNMAP",
                     _usage(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), cmd_unmap, timeout=60,
-                    supported=lambda lu: lu.thin, writes=True),
+                    supported=lambda lu: lu.lbpu, writes=True),
         CommandSpec(Opcode.MODE_SELECT_10, None, "MODE SELECT(10)",
                     _usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_select),
         CommandSpec(Opcode.MODE_SENSE_10, None, "MODE SENSE(10)",

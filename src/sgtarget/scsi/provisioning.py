@@ -2,8 +2,10 @@
 
 The handlers are called from ``lu.COMMANDS`` like any other command. A LUN is thin when it was
 created with ``thin=True``: then UNMAP and the UNMAP bit of WRITE SAME deallocate through
-``Backstore.discard`` and deallocated blocks read back as zeros (LBPRZ). WRITE SAME without
-UNMAP and GET LBA STATUS work on every LUN (a fully provisioned one reports all blocks mapped).
+``Backstore.discard`` and deallocated blocks read back as zeros (LBPRZ). A thin LUN created
+with ``unmap=False`` has no UNMAP command (LBPU 0) and deallocates through WRITE SAME only.
+WRITE SAME without UNMAP and GET LBA STATUS work on every LUN (a fully provisioned one reports
+all blocks mapped).
 
 We report no anchored state (ANC_SUP 0), so an ANCHOR bit is always an invalid field.
 """
@@ -69,21 +71,25 @@ def fill_block_limits(lu: LogicalUnit, body: bytearray) -> None:
     """The provisioning fields of VPD B0h (``body`` offsets are page offsets minus 4).
 
     WSNZ stays 0: WRITE SAME with 0 blocks means "to the end of the medium". The UNMAP limits
-    must be 0 unless UNMAP is supported (LBPU).
+    must be 0 unless UNMAP is supported (LBPU); the granularity also applies to WRITE SAME
+    with UNMAP, so every thin LUN reports it.
     """
-    if lu.thin:
+    if lu.lbpu:
         _U32.pack_into(body, 16, MAX_UNMAP_LBA_COUNT)
         _U32.pack_into(body, 20, MAX_UNMAP_DESCRIPTORS)
+    if lu.thin:
         _U32.pack_into(body, 24, lu.lbppb)  # OPTIMAL UNMAP GRANULARITY: a physical block
         _U32.pack_into(body, 28, 0x80000000)  # UGAVALID; UNMAP GRANULARITY ALIGNMENT 0
     _U64.pack_into(body, 32, MAX_WRITE_SAME_BLOCKS)
 
 
 def provisioning_vpd_body(lu: LogicalUnit) -> bytes:
-    """VPD B2h after its header: LBPU, LBPWS, LBPWS10, LBPRZ 001b, provisioning type 2."""
+    """VPD B2h after its header: LBPU (unless ``unmap=0``), LBPWS, LBPWS10, LBPRZ 001b,
+    provisioning type 2."""
     if not lu.thin:
         return bytes(4)  # fully provisioned: no deallocation commands
-    return bytes((0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0))
+    lbpu = 0x80 if lu.lbpu else 0
+    return bytes((0, lbpu | 0x40 | 0x20 | 0x04, 0x02, 0))
 
 
 def rc16_provisioning(lu: LogicalUnit) -> int:
@@ -128,8 +134,8 @@ async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
     cdb = cmd.cdb
     param_len = u16(cdb, 7)
     cmd.task.transfer_length = param_len
-    if not lu.thin:
-        # Fully provisioned LUNs do not have UNMAP (LBPU 0), as if it were not in the table.
+    if not lu.lbpu:
+        # Fully provisioned and unmap=0 LUNs do not have UNMAP, as if it were not in the table.
         raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
     if cdb[1] & 0x01:
         raise CheckCondition.invalid_field(1, 0)  # ANCHOR: ANC_SUP is 0

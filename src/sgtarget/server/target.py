@@ -42,7 +42,7 @@ RECLAIM_INTERVAL = 5.0
 
 @dataclass(frozen=True, slots=True)
 class LunOptions:
-    """LU settings that are not the backstore's: the ``--lun`` flags (``cli.specs.LUN_FLAGS``).
+    """LU settings that are not the backstore's: the ``--lun`` keys (``cli.specs.LUN_KEYS``).
 
     Each field is a keyword of ``LogicalUnit`` of the same name.
     """
@@ -50,6 +50,10 @@ class LunOptions:
     thin: bool = False
     readonly: bool = False
     removable: bool = False
+    #: With ``thin``: the UNMAP command (off: WRITE SAME with UNMAP only).
+    unmap: bool = True
+    #: ``None``: the LU's default (``scsi.lu.PHYSICAL_BLOCK_SIZE``).
+    physical_block_size: int | None = None
 
 
 @dataclass

@@ -71,6 +71,7 @@ THIN_SUITES = [
     "SCSI.WriteSame16",
     # Not UnmapSingle: with 4 KiB physical blocks (LBPPB 8) libiscsi 1.19 asks GET LBA STATUS
     # at LBA i+1 and wants the first descriptor at i+8; SBC-4 says it starts at the LBA asked.
+    # test_iscsi_test_cu_unmap_single runs it with LBPPB 1, where the test is right.
     "SCSI.GetLBAStatus.Simple,SCSI.GetLBAStatus.BeyondEol",
     "SCSI.Inquiry",
     "SCSI.ReadCapacity16",
@@ -132,6 +133,15 @@ def test_iscsi_test_cu(sgtarget: StartTarget, tmp_path: Path, suite: str) -> Non
     # A fresh target per suite, so one suite's damage cannot fail the next.
     t = sgtarget("--lun", "ram:size=64M")
     _run_suite(tool, t.url(), tmp_path, suite)
+
+
+def test_iscsi_test_cu_unmap_single(sgtarget: StartTarget, tmp_path: Path) -> None:
+    """GetLBAStatus.UnmapSingle with 512-byte physical blocks (physical_block_size=512)."""
+    tool = require_tool("iscsi-test-cu")
+    suite = "SCSI.GetLBAStatus.UnmapSingle"
+    t = sgtarget("--lun", f"file:{tmp_path / 'thin.img'},size=256M,thin=1,physical_block_size=512")
+    _run_suite(tool, t.url(), tmp_path, suite)
+    _assert_nothing_skipped_or_failed(tmp_path, suite)
 
 
 @pytest.mark.parametrize("kind", ["file", "ram"])

@@ -1,4 +1,5 @@
-"""The readonly=1 profile against a real client (qemu-io) and a read-only image file."""
+"""LUN profiles against real clients: readonly=1 (qemu-io, a read-only image file), and
+physical_block_size= and unmap= as libiscsi's tools read them."""
 
 from __future__ import annotations
 
@@ -70,3 +71,31 @@ def test_readonly_never_creates_a_file(tmp_path: Path) -> None:
     assert cp.stderr.count("\n") == 1, describe(cp)
     assert "readonly=1 never creates it" in cp.stderr, describe(cp)
     assert not path.exists()
+
+
+def test_physical_block_size_and_unmap_keys_as_libiscsi_sees_them(sgtarget: StartTarget) -> None:
+    rc16 = require_tool("iscsi-readcapacity16")
+    inq = require_tool("iscsi-inq")
+    t = sgtarget(
+        "--lun",
+        "ram:size=16M,thin=1,physical_block_size=512",
+        "--lun",
+        "ram:size=16M,thin=1,unmap=0",
+    )
+    exponents = []
+    for lun in (0, 1):
+        cp = run([rc16, t.url(lun)], timeout=30)
+        assert cp.returncode == 0, describe(cp)
+        exponents.append(
+            cp.stdout.split("LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:")[1].split()[0]
+        )
+    assert exponents == ["0", "3"]  # 512-byte physical blocks (LBPPB 1); the 4K default
+    lbpu = []
+    for lun in (0, 1):
+        # iscsi-inq reads the page code as a decimal number: 178 is VPD B2h.
+        cp = run([inq, "-e", "1", "-c", "178", t.url(lun)], timeout=30)
+        assert cp.returncode == 0, describe(cp)
+        lines = cp.stdout.splitlines()
+        assert "lbpws:1" in lines, describe(cp)  # WRITE SAME with UNMAP either way
+        lbpu.append(next(x for x in lines if x.startswith("lbpu:")))
+    assert lbpu == ["lbpu:1", "lbpu:0"]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmarks import conformance
 from benchmarks.conformance import LOG_ARTIFACTS, Profile, ProfileResult, combine, score_log
 
 from .harness import require_tool
@@ -48,7 +49,13 @@ FAILED
 """
 
 
-def test_score_log_follows_cu_score_and_keeps_cunit_verdict() -> None:
+def test_score_log_follows_cu_score_and_keeps_cunit_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No test needs the known-test-bug excuse today (UnmapSingle runs with LBPPB 1 and passes);
+    # the mechanism is checked with the assertion it used to excuse.
+    bug = r"test_get_lba_status_unmap_single\.c:135\s+- CU_FAIL\(.*lba offset in first descriptor"
+    monkeypatch.setitem(conformance.KNOWN_TEST_BUGS, "GetLBAStatus.UnmapSingle", ("a bug", bug))
     verdicts, real_failures = score_log(LOG)
     assert verdicts == {
         "Reserve6.Simple": "passed",

@@ -74,7 +74,9 @@ class FileBackstore(Backstore):
         *,
         direct: bool = False,
         readonly: bool = False,
+        lock: bool = True,
     ) -> None:
+        # lock=False: a ring handler process opening the file its target process has locked.
         self.path = os.fspath(path)
         self.direct = direct
         self.readonly = readonly
@@ -107,7 +109,8 @@ class FileBackstore(Backstore):
                 raise self._no_direct(exc) from exc
             raise BackstoreError(f"file: cannot open {self.path}: {_why(exc)}") from exc
         try:
-            self._lock(fd)
+            if lock:
+                self._lock(fd)
             super().__init__(self._fit(fd, size))
             if direct:
                 self._probe_direct(fd)

@@ -29,6 +29,7 @@ and the eventfd write that follows is a system call, a full barrier.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -232,21 +233,23 @@ class RingTarget:
             return []
         if tail >= self.cmdr_size or tail % abi.ALIGN:
             self._break(f"cmd_tail {tail} is outside the ring or not {abi.ALIGN}-aligned")
-        done: list[Completion] = []
-        seen: set[int] = set()
+        # Where the tail landed, from our own records, before reading a byte of any entry.
         passed = 0
-        for pos, _length, op, _cmd_id in self._entries:
+        for pos, _length, _op, _cmd_id in self._entries:
             if pos == tail:
                 break
             passed += 1
-            if op == Opcode.CMD:
-                done.append(self._completion(pos, seen))
         else:
             if tail != self._head:
                 self._break(
                     f"cmd_tail {tail} is not an entry boundary between"
                     f" {self._reaped} and cmd_head {self._head}"
                 )
+        done: list[Completion] = []
+        seen: set[int] = set()
+        for pos, _length, op, _cmd_id in itertools.islice(self._entries, passed):
+            if op == Opcode.CMD:
+                done.append(self._completion(pos, seen))
         for _ in range(passed):
             self._entries.popleft()
         for c in done:

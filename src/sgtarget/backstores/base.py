@@ -11,9 +11,12 @@ from __future__ import annotations
 import abc
 import mmap
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from sgtarget.datapath.bounce import ConsumerLimits
+
+if TYPE_CHECKING:
+    from sgtarget.datapath.pool import Pool
 
 Buffers = Sequence[memoryview]
 T = TypeVar("T")
@@ -101,6 +104,12 @@ class Backstore(abc.ABC):
         The default model: everything is mapped.
         """
         return [(offset, length, True)]
+
+    async def start(self, pool: Pool) -> None:  # noqa: B027 - most kinds start nothing
+        """Called once on the server's event loop before it serves, with the payload pool.
+
+        Kinds that run something of their own (handler processes behind rings) start it here.
+        """
 
     def close(self) -> None:  # noqa: B027
         """Release resources; flushes first where that matters."""

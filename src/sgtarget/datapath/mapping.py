@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import enum
 import mmap
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -207,6 +208,7 @@ class WindowMapping:
         "_slot_map",
         "buffer",
         "fail_alloc",
+        "fd",
         "max_mapping_size",
         "max_slots",
         "min_align_mask",
@@ -245,7 +247,14 @@ class WindowMapping:
         self.max_mapping_size = run * slot_size - (-(-min_align_mask // slot_size) * slot_size)
         if self.max_mapping_size <= 0:
             raise ValueError("min_align_mask leaves no room for a mapping")
-        self._mmap = mmap.mmap(-1, self.nslots * slot_size, flags=mmap.MAP_SHARED)
+        # A memfd, so a handler process given ``fd`` maps the window (and nothing else).
+        self.fd = os.memfd_create("sgtarget-window", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.nslots * slot_size)
+            self._mmap = mmap.mmap(self.fd, self.nslots * slot_size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.buffer = memoryview(self._mmap)
         self._slot_map = bytearray(self.nslots)
         # Next-fit start, like swiotlb's area->index: recently freed slots rest a while.
@@ -312,10 +321,18 @@ class WindowMapping:
         self.stats.slots_in_use -= count
 
     def map(self, sg: ScatterList, offset: int, length: int, direction: MapDirection) -> Mapped:
+        return self.map_segments(_segments(self._pool, sg, offset, length), direction)
+
+    def map_segments(self, segments: Sequence[tuple[int, int]], direction: MapDirection) -> Mapped:
+        """Map ``(arena offset, length)`` segments of the pool arena, as ``map`` maps a
+        scatter list's entries (for callers that hold arena views, not scatter lists)."""
         pool = self._pool
+        for orig, n in segments:
+            if orig < 0 or n < 0 or orig + n > pool.size:
+                raise ValueError(f"segment {orig}+{n} outside the pool arena of {pool.size}")
         pieces: list[tuple[int, int]] = []
         limit = self.max_mapping_size
-        for orig, n in _segments(pool, sg, offset, length):
+        for orig, n in segments:
             # An entry longer than one mapping is split; every piece starts a new run.
             for start in range(0, n, limit):
                 pieces.append((orig + start, min(limit, n - start)))
@@ -350,11 +367,13 @@ class WindowMapping:
         st.live_mappings += 1
         return mapped
 
-    def unmap(self, mapped: Mapped) -> None:
+    def unmap(self, mapped: Mapped, *, discard: bool = False) -> None:
+        """Copy back (unless the consumer only read, or ``discard``: its result is not
+        wanted, e.g. it failed) and free the slots."""
         if mapped._owner is not self:
             raise ValueError("not a live mapping of this window")
         mapped._owner = None
-        if mapped.direction is not MapDirection.TO_CONSUMER:
+        if mapped.direction is not MapDirection.TO_CONSUMER and not discard:
             arena = self._pool.arena
             window = self.buffer
             back = 0
@@ -372,3 +391,6 @@ class WindowMapping:
     def close(self) -> None:
         self.buffer.release()
         self._mmap.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -444,3 +444,38 @@ def test_random_target_garbage_only_raises_ring_corrupt(writes: list[tuple[int, 
                 assert 1 <= len(item.cdb) <= 263
     finally:
         r.close()
+
+
+def test_read_len_flag_not_offered() -> None:
+    shm = SharedMemory.create("no-read-len", DATA_OFF)
+    try:
+        target = RingTarget(shm.buf, data_off=DATA_OFF, flags=MailboxFlag.CAP_OOOC)
+        user = UserRing(shm.buf)
+        cid = target.submit(READ16, [(DATA_OFF, 512)])
+        user.fetch()
+        user.complete(cid, 0, read_len=512)
+        with pytest.raises(RingBroken, match="unknown uflags 0x2"):
+            target.reap()
+    finally:
+        shm.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (MailboxFlag.CAP_OOOC | MailboxFlag.CAP_KEEP_BUF, "KEEP_BUF"),
+        (MailboxFlag.CAP_READ_LEN, "OOOC"),
+        (MailboxFlag.CAP_OOOC | 0x10, "unknown mailbox flags"),
+    ],
+)
+def test_target_flags_checked(flags: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RingTarget(memoryview(bytearray(DATA_OFF)), data_off=DATA_OFF, flags=flags)
+
+
+def test_tmr_refused_without_cap() -> None:
+    target = RingTarget(
+        memoryview(bytearray(DATA_OFF)), data_off=DATA_OFF, flags=MailboxFlag.CAP_OOOC
+    )
+    with pytest.raises(ValueError, match="CAP_TMR"):
+        target.submit_tmr(1, [])

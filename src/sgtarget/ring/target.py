@@ -106,6 +106,7 @@ class RingTarget:
         "_inflight",
         "_reaped",
         "_ring",
+        "_uflags",
         "cmdr_size",
         "flags",
         "stats",
@@ -126,6 +127,8 @@ class RingTarget:
             )
         if len(ring) < data_off:
             raise ValueError(f"ring region of {len(ring)} bytes is shorter than data_off")
+        if flags & ~0xF:
+            raise ValueError(f"unknown mailbox flags {flags:#x}")
         if flags & MailboxFlag.CAP_KEEP_BUF:
             raise ValueError("KEEP_BUF is not supported: there is no channel to release buffers")
         if not flags & MailboxFlag.CAP_OOOC:
@@ -133,6 +136,10 @@ class RingTarget:
         self._ring = ring[:data_off]
         self.cmdr_size = cmdr_size
         self.flags = MailboxFlag(flags)
+        #: uflags a handler may set: READ_LEN only if it was offered.
+        self._uflags = UFlag.UNKNOWN_OP | (
+            UFlag.READ_LEN if flags & MailboxFlag.CAP_READ_LEN else UFlag(0)
+        )
         abi.pack_mailbox(self._ring, int(flags), cmdr_size)
         self._head = 0
         #: Ring position up to which completions were reaped (the kernel's cmdr_last_cleaned).
@@ -271,7 +278,7 @@ class RingTarget:
             self._break(f"cmd_id {cmd_id} completed twice")
         seen.add(cmd_id)
         uflags = ring[off + abi.UFLAGS_OFF]
-        if uflags & ~(UFlag.UNKNOWN_OP | UFlag.READ_LEN):
+        if uflags & ~self._uflags:
             self._break(f"cmd_id {cmd_id}: unknown uflags {uflags:#x}")
         if uflags & UFlag.UNKNOWN_OP:
             return Completion(cmd_id, abi.STATUS_CHECK_CONDITION, b"", None, True)

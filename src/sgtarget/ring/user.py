@@ -183,7 +183,8 @@ class UserRing:
         self._skip_tail()
         # Each pending command left one unanswered CMD entry in [tail, fetch): one is at the tail.
         pos, length, op = self._entries[0]
-        assert op == Opcode.CMD
+        if op != Opcode.CMD:  # cannot happen: see above
+            raise RuntimeError(f"no command entry at cmd_tail {pos}")
         off = abi.CMDR_OFF + pos
         abi.U32.pack_into(self._ring, off, abi.make_len_op(length, Opcode.CMD))
         abi.pack_response(

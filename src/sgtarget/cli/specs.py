@@ -16,6 +16,7 @@ from types import MappingProxyType
 # Importing the package registers every backstore kind.
 import sgtarget.backstores  # noqa: F401
 from sgtarget.backstores.base import Backstore, BackstoreError, create, registered_kinds
+from sgtarget.ring.backstore import RingBackstore, pop_ring_options
 from sgtarget.scsi.constants import MAX_PHYSICAL_BLOCK_SIZE
 from sgtarget.units import format_size, parse_size
 
@@ -283,10 +284,14 @@ def build_backstore(spec: LunSpec) -> Backstore:
     """Create the backstore a spec names; any refusal becomes one ``ValueError`` quoting it.
 
     ``readonly=1`` also reaches the factory, so a file is opened read-only (a read-only image
-    can be served).
+    can be served). ``handler=copy|zerocopy|isolated`` (``ring.backstore.RING_KEYS``) wraps it
+    in a ``RingBackstore`` whose handler processes start with the server.
     """
-
+    params = dict(spec.params)
     try:
-        return create(spec.kind, dict(spec.params), readonly=lun_flag(spec, "readonly"))
+        # Handler keys first: a bad value should not leave a file created behind it.
+        ring = pop_ring_options(spec.kind, params)
+        inner = create(spec.kind, params, readonly=lun_flag(spec, "readonly"))
+        return inner if ring is None else RingBackstore.around(inner, ring)
     except (ValueError, BackstoreError) as exc:
         raise ValueError(f"invalid LUN spec {spec.text or spec.kind!r}: {exc}") from exc

@@ -125,6 +125,8 @@ class TargetServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        for bs in self.config.backstores:  # handler processes, before anyone can log in
+            await bs.start(self.pool)
         for host, port in self.config.portals:
             server = await loop.create_server(
                 lambda: IscsiProtocol(self), host, port, reuse_address=True

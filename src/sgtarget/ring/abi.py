@@ -85,6 +85,10 @@ class TmrType(enum.IntEnum):
     LUN_RESET_PRO = 128
 
 
+# Plain ints for the hot path (IntFlag operators are Python calls).
+_READ_LEN = int(UFlag.READ_LEN)
+_UNKNOWN_OP = int(UFlag.UNKNOWN_OP)
+
 #: SAM status bytes a handler may answer (the target rejects anything else).
 SCSI_STATUSES = frozenset({0x00, 0x02, 0x04, 0x08, 0x18, 0x28, 0x30, 0x40})
 STATUS_GOOD = 0x00
@@ -246,9 +250,9 @@ def pack_response(
         raise ValueError(f"sense of {len(sense)} bytes exceeds {SENSE_BUFFERSIZE}")
     uflags = 0
     if read_len is not None:
-        uflags |= UFlag.READ_LEN
+        uflags |= _READ_LEN
     if unknown_op:
-        uflags |= UFlag.UNKNOWN_OP
+        uflags |= _UNKNOWN_OP
     U16.pack_into(buf, pos + CMD_ID_OFF, cmd_id)
     buf[pos + UFLAGS_OFF] = uflags
     RSP.pack_into(buf, pos + RSP_OFF, status, read_len or 0)

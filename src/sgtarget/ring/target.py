@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 _MIN_CMDR_SIZE = 256
 _U64_MAX = (1 << 64) - 1
+# Plain ints on the hot path: IntFlag arithmetic costs a Python call per operator.
+_UNKNOWN_OP = int(UFlag.UNKNOWN_OP)
+_READ_LEN = int(UFlag.READ_LEN)
 
 Iovecs = tuple[tuple[int, int], ...]
 
@@ -137,9 +140,7 @@ class RingTarget:
         self.cmdr_size = cmdr_size
         self.flags = MailboxFlag(flags)
         #: uflags a handler may set: READ_LEN only if it was offered.
-        self._uflags = UFlag.UNKNOWN_OP | (
-            UFlag.READ_LEN if flags & MailboxFlag.CAP_READ_LEN else UFlag(0)
-        )
+        self._uflags = _UNKNOWN_OP | (_READ_LEN if flags & MailboxFlag.CAP_READ_LEN else 0)
         abi.pack_mailbox(self._ring, int(flags), cmdr_size)
         self._head = 0
         #: Ring position up to which completions were reaped (the kernel's cmdr_last_cleaned).
@@ -280,13 +281,13 @@ class RingTarget:
         uflags = ring[off + abi.UFLAGS_OFF]
         if uflags & ~self._uflags:
             self._break(f"cmd_id {cmd_id}: unknown uflags {uflags:#x}")
-        if uflags & UFlag.UNKNOWN_OP:
+        if uflags & _UNKNOWN_OP:
             return Completion(cmd_id, abi.STATUS_CHECK_CONDITION, b"", None, True)
         status, read_len = abi.RSP.unpack_from(ring, off + abi.RSP_OFF)
         if status not in abi.SCSI_STATUSES:
             self._break(f"cmd_id {cmd_id}: invalid SCSI status {status:#04x}")
         length: int | None = None
-        if uflags & UFlag.READ_LEN:
+        if uflags & _READ_LEN:
             if read_len > sent.read_limit:
                 self._break(
                     f"cmd_id {cmd_id}: read_len {read_len} exceeds the"

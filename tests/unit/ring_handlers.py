@@ -32,3 +32,9 @@ class SlowFileHandler(BackstoreHandler):
                 os.close(os.open(self.started, os.O_CREAT | os.O_WRONLY, 0o644))
             time.sleep(self.delay)
         return super().read(offset, bufs)
+
+
+class SerialSlowFileHandler(SlowFileHandler):
+    """``SlowFileHandler`` that is not thread-safe: the worker runs one command at a time."""
+
+    concurrent = False

@@ -250,6 +250,17 @@ def test_one_thread_completes_in_order(image: Path) -> None:
         assert [c.cmd_id for c in w.reap(4)] == ids
 
 
+def test_a_handler_that_is_not_concurrent_gets_one_command_at_a_time(image: Path) -> None:
+    handler = "tests.unit.ring_handlers:SerialSlowFileHandler"
+    with worker(image, handler, threads=4, slow="5,6,7,8", delay="0.2") as w:
+        assert w.run(cdb16(0x91, 0, 0)).status == 0  # up and serving
+        start = time.monotonic()
+        ids = [w.submit(read16(5 + i, 1), [w.iov(BS * i, BS)]) for i in range(4)]
+        done = w.reap(4)
+        assert time.monotonic() - start >= 0.75  # four 0.2 s reads, one after another
+        assert {c.cmd_id for c in done} == set(ids)
+
+
 def test_many_commands_wrap_the_ring(image: Path) -> None:
     """Far more entries than the ring holds at once: PADs, wrap-around, cmd_id reuse."""
     with worker(image, threads=4) as w:

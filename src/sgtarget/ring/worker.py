@@ -69,6 +69,7 @@ EXIT_RING = 3
 DEFAULT_THREADS = 4
 #: An iovec outside the data area: the target sent garbage.
 BAD_IOV = Result.check_condition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
+INTERNAL_ERROR = Result.check_condition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 
 
 def _tmr_name(tmr_type: int) -> str:
@@ -192,7 +193,11 @@ class Worker:
             self._done.ring()  # the TMR entries' ring space came back
 
     def _run(self, req: Request) -> None:
-        result = self._execute(req)
+        try:
+            result = self._execute(req)
+        except Exception:  # execute() maps handler errors: this is the worker's own bug
+            log.exception("cmd_id %d (CDB %s) failed in the worker", req.cmd_id, req.cdb.hex())
+            result = INTERNAL_ERROR
         read_len = result.read_len if self._read_len else None
         try:
             with self._lock:

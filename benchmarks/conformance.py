@@ -78,14 +78,15 @@ READONLY_SUITES = (
 #:   0..i-1, asks GET LBA STATUS at LBA i+1 and wants the first descriptor at i+LBPPB, where
 #:   SBC-4 5.8 puts it at the LBA asked for (i+1). ``physical_block_size=512``, in the
 #:   removable profile;
-#: - NoMedia.NoMediaSBC sends UNMAP to an ejected medium and logs "[SKIPPED] UNMAP is not
-#:   implemented" where UNMAP does not exist: the removable profile keeps UNMAP, so the thin
-#:   one is the profile without it (``unmap=0``: UnmapSingle skips there for lack of LBPU,
-#:   Unmap.* skip or log "[SKIPPED]" there, and pass in the removable profile).
+#: - NoMedia.NoMediaSBC sends UNMAP to the ejected medium, and only on a removable LUN (on
+#:   any other it returns at once, and is scored passed): without UNMAP it logs "[SKIPPED]
+#:   UNMAP is not implemented" and that check would run nowhere. So the removable profile
+#:   keeps UNMAP and the thin one is the profile without it (``unmap=0``: UnmapSingle skips
+#:   there for lack of LBPU, Unmap.* log "[SKIPPED]" there, and all pass in the removable one).
 #:
-#: tgt has neither key (it reports what its backing file's block device says, no LBPU
-#: switch), so its profiles stay as they were: its column is the same LUNs minus these two
-#: settings.
+#: tgt's profiles stay as they were. It has no UNMAP switch; it has an (undocumented)
+#: ``lbppbe`` parameter, but no GET LBA STATUS, so UnmapSingle skips on it whatever the
+#: geometry, and LBPPB 1 in its removable profile would only skip the LBPPB>=2 tests there.
 THIN_KEYS = "thin=1,unmap=0"
 REMOVABLE_KEYS = "removable=1,thin=1,physical_block_size=512"
 

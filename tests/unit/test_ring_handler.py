@@ -389,6 +389,14 @@ def test_default_write_same_batches_at_iov_max() -> None:
     assert big.data[2500 * BS :] == bytes(500 * BS)
 
 
+def test_default_write_same_refuses_partial_blocks(mem: Memory) -> None:
+    with pytest.raises(ValueError, match="not a whole number"):
+        mem.write_same(0, 700, memoryview(bytes(BS)))
+    with pytest.raises(ValueError, match="not a whole number"):
+        mem.write_same(0, 512, memoryview(b""))
+    assert mem.writes == []
+
+
 def test_default_unmap_writes_zeros(mem: Memory) -> None:
     mem.data[:] = b"\xff" * SIZE
     assert run(mem, cdb16(0x93, 2, 3, byte1=0x09)) == Result()

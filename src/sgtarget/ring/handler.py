@@ -336,6 +336,10 @@ class Handler(abc.ABC):
         allocated, and a file handler's ``pwritev`` takes them as they are.
         """
         bs = len(block)
+        if not bs or length % bs:
+            raise ValueError(
+                f"write_same: {length} bytes is not a whole number of {bs}-byte blocks"
+            )
         end = offset + length
         while offset < end:
             count = min((end - offset) // bs, _WRITE_SAME_IOVS)

@@ -1,0 +1,290 @@
+"""Supervisor: handler processes die (SIGKILL, a hung command, a broken ring, a crash loop) and
+come back; their in-flight commands get BUSY only once they are gone; shutdown leaves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from sgtarget.backstores.base import BackstoreBusy, BackstoreError
+from sgtarget.datapath import Pool
+from sgtarget.ring import supervisor as supervisor_mod
+from sgtarget.ring.backstore import MODES, RingBackstore, RingOptions
+from sgtarget.ring.supervisor import Supervisor
+
+T = TypeVar("T")
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 4 * MiB
+QUIRKY = "tests.unit.ring_b2_handlers:QuirkyFileHandler"
+FAILING = "tests.unit.ring_b2_handlers:FailingOpenHandler"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "lun.img"
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def ring_lun(
+    pool: Pool,
+    image: Path,
+    mode: str = "copy",
+    *,
+    handler: str = QUIRKY,
+    handlers: int = 1,
+    timeout: float | None = None,
+    **params: str,
+) -> AsyncIterator[RingBackstore]:
+    options = RingOptions(mode=mode, handlers=handlers, timeout=timeout)
+    bs = RingBackstore(handler, {"path": str(image), **params}, SIZE, options)
+    await bs.start(pool)
+    try:
+        yield bs
+    finally:
+        await bs.aclose()
+
+
+def sup_of(bs: RingBackstore) -> Supervisor:
+    assert bs.supervisor is not None
+    return bs.supervisor
+
+
+async def wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def new_pids(sup: Supervisor, old: set[int], n: int = 1) -> list[int]:
+    await wait_for(lambda: len({w.pid for w in sup.workers()} - old) >= n)
+    return [w.pid for w in sup.workers() if w.pid not in old]
+
+
+def gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigkill_mid_command(pool: Pool, image: Path, tmp_path: Path, mode: str) -> None:
+    """A handler killed while it holds a WRITE: the WRITE gets BUSY once the process is gone,
+    the next command runs on a restarted process within seconds."""
+    started = tmp_path / "started"
+
+    async def main() -> None:
+        async with ring_lun(
+            pool, image, mode, write_delay="30", started=str(started), timeout=0
+        ) as bs:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            (old,) = sup.pids()
+            sg = pool.alloc(64 * KiB)
+            write = asyncio.ensure_future(io.writev(0, sg.views()))
+            await wait_for(started.exists)
+            os.kill(old, signal.SIGKILL)
+            with pytest.raises(BackstoreBusy):
+                await asyncio.wait_for(write, 10)
+            assert gone(old)  # reaped before the command was failed
+            sg.release()  # safe: nothing can write into these blocks any more
+            assert sup.stats.failed_inflight == 1
+            started.unlink()
+            t0 = time.monotonic()
+            out = bytearray(4096)
+            await io.readv(0, [memoryview(out)])  # reads are not slowed: no write_delay
+            assert time.monotonic() - t0 < 5
+            (new,) = await new_pids(sup, {old})
+            assert new != old
+            assert sup.stats.deaths == 1
+
+    run(main())
+
+
+def test_hung_handler_times_out(pool: Pool, image: Path) -> None:
+    """handler_timeout=1: a write that takes 30 s kills its process; BUSY; restarted."""
+
+    async def main() -> None:
+        async with ring_lun(pool, image, "copy", write_delay="30", timeout=1) as bs:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            (old,) = sup.pids()
+            t0 = time.monotonic()
+            with pytest.raises(BackstoreBusy):
+                await io.writev(0, [memoryview(bytes(4096))])
+            assert 0.9 < time.monotonic() - t0 < 8
+            assert sup.stats.timeouts == 1
+            assert gone(old)
+            await new_pids(sup, {old})
+            out = bytearray(4096)
+            await io.readv(0, [memoryview(out)])
+
+    run(main())
+
+
+def test_broken_ring_restarts(pool: Pool, image: Path) -> None:
+    """A handler that corrupts cmd_tail: RingBroken, killed, its command BUSY, restarted."""
+
+    async def main() -> None:
+        async with ring_lun(pool, image, "zerocopy", hostile="1") as bs:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            (old,) = sup.pids()
+            with pytest.raises(BackstoreBusy):
+                await io.writev(0, [memoryview(bytes(4096))])
+            assert sup.stats.broken_rings == 1
+            assert gone(old)
+            await new_pids(sup, {old})
+            out = bytearray(b"\x01" * 4096)
+            await io.readv(0, [memoryview(out)])  # a read: the hostile write is not run
+            assert out == bytes(4096)
+
+    run(main())
+
+
+def test_crash_loop_gives_up_with_medium_error(
+    pool: Pool, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that dies at every start: after GIVE_UP_AFTER quick deaths commands get
+    BackstoreError (MEDIUM ERROR) at once instead of waiting for it."""
+    monkeypatch.setattr(supervisor_mod, "MAX_BACKOFF", 0.2)
+
+    async def main() -> None:
+        async with ring_lun(pool, image, "copy", handler=FAILING) as bs:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            t0 = time.monotonic()
+            busy = 0
+            error: BackstoreError | None = None
+            while error is None:  # as an initiator retries BUSY
+                assert time.monotonic() - t0 < 15, "never gave up"
+                try:
+                    await io.readv(0, [memoryview(bytearray(512))])
+                except BackstoreBusy:  # sent to a process that then died at its start
+                    busy += 1
+                except BackstoreError as exc:
+                    error = exc
+                else:
+                    pytest.fail("a handler that never opens served a read")
+            assert "keeps dying" in str(error)
+            assert busy <= supervisor_mod.GIVE_UP_AFTER
+            assert sup.stats.deaths >= supervisor_mod.GIVE_UP_AFTER
+
+    run(main())
+
+
+def test_commands_wait_for_a_restart(pool: Pool, image: Path) -> None:
+    """A command that arrives while no process is up waits for the next one."""
+
+    async def main() -> None:
+        async with ring_lun(pool, image, "copy") as bs:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            (old,) = sup.pids()
+            os.kill(old, signal.SIGKILL)
+            await wait_for(lambda: not sup.workers())
+            data = b"\x42" * 4096
+            await io.writev(0, [memoryview(data)])
+            out = bytearray(4096)
+            await io.readv(0, [memoryview(out)])
+            assert out == data
+
+    run(main())
+
+
+def test_two_handlers_share_the_load_and_survive_one_death(pool: Pool, image: Path) -> None:
+    async def main() -> None:
+        async with ring_lun(pool, image, "zerocopy", handlers=2) as bs:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            assert len(sup.workers()) == 2
+            views = [memoryview(bytes([i]) * 4096) for i in range(32)]
+            await asyncio.gather(*(io.writev(i * 4096, [v]) for i, v in enumerate(views)))
+            assert all(w.completed > 0 for w in sup.workers())
+            victim = sup.workers()[0].pid
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda: gone(victim) and victim not in sup.pids())
+            out = bytearray(32 * 4096)
+            await io.readv(0, [memoryview(out)])
+            assert out == b"".join(bytes(v) for v in views)
+            await io.flush()  # to every live process
+
+    run(main())
+
+
+def test_clean_stop_finishes_inflight(pool: Pool, image: Path, tmp_path: Path) -> None:
+    """Shutdown lets a running WRITE complete (it is acknowledged, and in the file)."""
+    started = tmp_path / "started"
+
+    async def main() -> None:
+        bs = RingBackstore(
+            QUIRKY,
+            {"path": str(image), "write_delay": "0.5", "started": str(started)},
+            SIZE,
+            RingOptions(mode="copy"),
+        )
+        await bs.start(pool)
+        write = asyncio.ensure_future(bs.io(None).writev(0, [memoryview(b"\x99" * 4096)]))  # type: ignore[arg-type]
+        await wait_for(started.exists)
+        await bs.aclose()
+        assert await write == 4096
+
+    run(main())
+    assert image.read_bytes()[:4096] == b"\x99" * 4096
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_shutdown_leaves_no_process_and_no_fd(pool: Pool, image: Path) -> None:
+    async def main() -> tuple[set[str], set[str], list[int]]:
+        await asyncio.sleep(0)  # the loop's own fds exist before counting
+        before = _fds()
+        pids: list[int] = []
+        for mode in MODES:
+            async with ring_lun(pool, image, mode, handlers=2) as bs:
+                io = bs.io(None)  # type: ignore[arg-type]
+                await io.writev(0, [memoryview(bytes(8192))])
+                pids += sup_of(bs).pids()
+                os.kill(pids[-1], signal.SIGKILL)  # one death and restart on the way
+                victim = pids[-1]
+                await wait_for(lambda b=bs, v=victim: v not in sup_of(b).pids())
+                await wait_for(lambda b=bs: len(sup_of(b).workers()) == 2)
+                pids += sup_of(bs).pids()
+        return before, _fds(), pids
+
+    before, after, pids = run(main())
+    assert all(gone(pid) for pid in pids)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # nothing left to reap either
+    assert after <= before
+
+
+def test_sync_close_kills_everything(pool: Pool, image: Path) -> None:
+    """``close()`` on the loop itself (no graceful round trip possible) still reaps all."""
+
+    async def main() -> list[int]:
+        bs = RingBackstore(QUIRKY, {"path": str(image)}, SIZE, RingOptions("copy", handlers=2))
+        await bs.start(pool)
+        pids = sup_of(bs).pids()
+        bs.close()
+        return pids
+
+    pids = run(main())
+    assert len(pids) == 2
+    assert all(gone(pid) for pid in pids)

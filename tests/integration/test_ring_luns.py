@@ -143,3 +143,20 @@ def test_sigkill_handler_under_write_load(sgtarget: StartTarget, tmp_path: Path,
     assert f"handler process {victim} died" in t.stderr()
     t.assert_clean_stop()
     assert lun.read_bytes() == img.read_bytes()
+
+
+#: Thin provisioning through the ring: UNMAP / WRITE SAME with UNMAP become WRITE SAME(16)
+#: UNMAP+NDOB to the handler (a punched hole), GET LBA STATUS goes to it too.
+THIN_SUITES = [
+    "SCSI.Unmap",
+    "SCSI.WriteSame16",
+    "SCSI.GetLBAStatus.Simple,SCSI.GetLBAStatus.BeyondEol",
+]
+
+
+@pytest.mark.parametrize("suite", THIN_SUITES)
+@pytest.mark.parametrize("mode", ["zerocopy", "isolated"])
+def test_iscsi_test_cu_thin(sgtarget: StartTarget, tmp_path: Path, suite: str, mode: str) -> None:
+    tool = require_tool("iscsi-test-cu")
+    t = sgtarget("--lun", f"file:{tmp_path / 'thin.img'},size=64M,thin=1,handler={mode}")
+    _run_suite(tool, t.url(), tmp_path, suite)

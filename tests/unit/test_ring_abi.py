@@ -19,6 +19,8 @@ The mailbox: version u16 @0, flags u16 @2, cmdr_off u32 @4, cmdr_size u32 @8, cm
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 
 import pytest
@@ -214,3 +216,39 @@ def test_sense_length() -> None:
     assert abi.sense_length(bytes([0x73, 0, 0, 0, 0, 0, 0, 200])) == 208
     assert abi.sense_length(bytes(8)) is None
     assert abi.sense_length(b"\x70") is None
+
+
+def test_index_words_are_single_stores_across_processes() -> None:
+    """cmd_head/cmd_tail stores are never seen half done by the other process.
+
+    struct.pack_into zero-fills before it writes: a handler read cmd_head 0 mid-ring under
+    load. A forked writer stores rising values; the reader must only ever see them rise.
+    """
+    shm = mmap.mmap(-1, abi.MAILBOX_SIZE, flags=mmap.MAP_SHARED)
+    words = abi.index_words(memoryview(shm))
+    done, go = abi.TAIL_WORD, 1
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        for _ in range(50_000_000):
+            if words[go]:
+                break
+        for v in range(8, 8 * 1_000_000, 8):
+            words[abi.HEAD_WORD] = v
+        words[done] = 1
+        os._exit(0)
+    try:
+        prev = seen = 0
+        words[go] = 1
+        for _ in range(20_000_000):  # bounded; the child needs far fewer
+            v = words[abi.HEAD_WORD]
+            assert v >= prev, f"cmd_head went from {prev} to {v}: a torn or zero-filled store"
+            seen += v != prev
+            prev = v
+            if words[done]:
+                break
+        assert words[done] == 1
+        assert seen > 100  # the reader really ran while the writer stored
+    finally:
+        os.waitpid(pid, 0)
+        words.release()
+        shm.close()

@@ -99,6 +99,9 @@ MAILBOX = struct.Struct("<HHIII")
 MAILBOX_HEAD_OFF = 12
 MAILBOX_TAIL_OFF = 64
 U32 = struct.Struct("<I")
+#: cmd_head and cmd_tail as mailbox words (see ``index_words``).
+HEAD_WORD = MAILBOX_HEAD_OFF // 4
+TAIL_WORD = MAILBOX_TAIL_OFF // 4
 U16 = struct.Struct("<H")
 #: Entry header at +0: len_op, cmd_id, kflags, uflags.
 HDR = struct.Struct("<IHBB")
@@ -179,6 +182,19 @@ def set_len(len_op: int, length: int) -> int:
 def set_op(len_op: int, op: int) -> int:
     """``tcmu_hdr_set_op``: replace the opcode, keep the length."""
     return (len_op & ~OP_MASK & 0xFFFFFFFF) | (op & OP_MASK)
+
+
+def index_words(ring: memoryview) -> memoryview:
+    """The mailbox as native 32-bit words: ``words[HEAD_WORD]``, ``words[TAIL_WORD]``.
+
+    cmd_head and cmd_tail are read by one process while the other stores them, so each access
+    must be one aligned 4-byte load or store. ``struct.pack_into`` is not: it zero-fills its
+    destination before writing the value, so the other side can read 0 (a handler once fetched
+    "entries" from a head of 0 mid-ring), and "<" formats move a byte at a time. A memoryview
+    item store is one fixed-size copy. Native byte order is the ABI's: the kernel's header
+    declares host-endian __u32 fields, and both sides run on the same host.
+    """
+    return ring[:MAILBOX_SIZE].cast("I")
 
 
 def pack_mailbox(buf: memoryview | bytearray, flags: int, cmdr_size: int) -> None:

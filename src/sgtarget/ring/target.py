@@ -110,6 +110,7 @@ class RingTarget:
         "_reaped",
         "_ring",
         "_uflags",
+        "_words",
         "cmdr_size",
         "flags",
         "stats",
@@ -142,6 +143,7 @@ class RingTarget:
         #: uflags a handler may set: READ_LEN only if it was offered.
         self._uflags = _UNKNOWN_OP | (_READ_LEN if flags & MailboxFlag.CAP_READ_LEN else 0)
         abi.pack_mailbox(self._ring, int(flags), cmdr_size)
+        self._words = abi.index_words(self._ring)
         self._head = 0
         #: Ring position up to which completions were reaped (the kernel's cmdr_last_cleaned).
         self._reaped = 0
@@ -177,7 +179,7 @@ class RingTarget:
 
     def _publish(self, pos: int, length: int) -> None:
         self._head = (pos + length) % self.cmdr_size
-        abi.U32.pack_into(self._ring, abi.MAILBOX_HEAD_OFF, self._head)
+        self._words[abi.HEAD_WORD] = self._head
 
     # -- submit ------------------------------------------------------------------------------
 
@@ -236,7 +238,7 @@ class RingTarget:
     def reap(self) -> list[Completion]:
         """Completions for every command entry the handler's cmd_tail has passed."""
         self._check()
-        tail = abi.U32.unpack_from(self._ring, abi.MAILBOX_TAIL_OFF)[0]
+        tail: int = self._words[abi.TAIL_WORD]
         if tail == self._reaped:
             return []
         if tail >= self.cmdr_size or tail % abi.ALIGN:

@@ -61,7 +61,16 @@ class TmrNotice:
 class UserRing:
     """The handler's view of the ring in ``ring`` (the shared map from offset 0)."""
 
-    __slots__ = ("_entries", "_fetch", "_pending", "_ring", "_tail", "cmdr_size", "flags")
+    __slots__ = (
+        "_entries",
+        "_fetch",
+        "_pending",
+        "_ring",
+        "_tail",
+        "_words",
+        "cmdr_size",
+        "flags",
+    )
 
     def __init__(self, ring: memoryview) -> None:
         if len(ring) < abi.MAILBOX_SIZE:
@@ -76,6 +85,7 @@ class UserRing:
         if cmdr_off + cmdr_size > len(ring):
             raise RingCorrupt(f"cmdr_size {cmdr_size} runs past the {len(ring)}-byte mapping")
         self._ring = ring[: cmdr_off + cmdr_size]
+        self._words = abi.index_words(self._ring)
         self.flags = abi.MailboxFlag(flags)
         self.cmdr_size = cmdr_size
         self._tail = self._position(abi.MAILBOX_TAIL_OFF, "cmd_tail")
@@ -85,7 +95,7 @@ class UserRing:
         self._pending: set[int] = set()
 
     def _position(self, mailbox_off: int, name: str) -> int:
-        pos: int = abi.U32.unpack_from(self._ring, mailbox_off)[0]
+        pos: int = self._words[mailbox_off // 4]
         if pos >= self.cmdr_size or pos % abi.ALIGN:
             raise RingCorrupt(f"{name} {pos} is outside the ring or not {abi.ALIGN}-aligned")
         return pos
@@ -213,7 +223,7 @@ class UserRing:
         return moved
 
     def _store_tail(self) -> None:
-        abi.U32.pack_into(self._ring, abi.MAILBOX_TAIL_OFF, self._tail)
+        self._words[abi.TAIL_WORD] = self._tail
 
     def pending(self) -> int:
         """Commands fetched and not yet completed."""

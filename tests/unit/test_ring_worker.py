@@ -22,6 +22,7 @@ import pytest
 
 from sgtarget.backstores.file import FileBackstore
 from sgtarget.ring.abi import TmrType
+from sgtarget.ring.handler import HandlerConfig, load_handler
 from sgtarget.ring.shm import Doorbell, SharedMemory
 from sgtarget.ring.target import Completion, RingTarget
 
@@ -378,3 +379,27 @@ def test_bad_arguments_exit_2() -> None:
     )
     assert proc.returncode == 2
     assert b"required" in proc.stderr
+
+
+def test_a_non_blocking_handler_runs_its_batch_inline(image: Path) -> None:
+    """null never blocks: the worker runs a fetched batch in its poll loop, in ring order."""
+    handler = load_handler("null")
+    handler.open(HandlerConfig(size=IMAGE, block_size=BS, params={}))
+    assert handler.blocking is False
+    ring = Ring(image, "null", {}, threads=4)
+    try:
+        ring.data[0:65536] = b"\xa5" * 65536
+        ids = [ring.target.submit(read16(i, 8), [ring.iov(i * 4096, 4096)]) for i in range(16)]
+        ring.kick.ring()
+        done = ring.reap(16)
+        assert [c.cmd_id for c in done] == ids  # no thread pool: completed as fetched
+        assert all(c.status == 0 for c in done)
+        assert bytes(ring.data[0:65536]) == bytes(65536)
+    finally:
+        ring.close()
+    file_handler = load_handler("file")
+    file_handler.open(HandlerConfig(size=IMAGE, block_size=BS, params={"path": str(image)}))
+    try:
+        assert file_handler.blocking is True
+    finally:
+        file_handler.close()

@@ -295,6 +295,10 @@ class Handler(abc.ABC):
 
     #: False: the worker runs one command at a time (the handler is not thread-safe).
     concurrent: ClassVar[bool] = True
+    #: True: commands may block (file I/O) and run on the worker's threads. False: they are
+    #: cheap and never block (null, RAM): the worker runs them in its poll loop, saving two
+    #: thread hand-offs per command.
+    blocking: bool = True
     config: HandlerConfig
     # COMPARE AND WRITE's read-compare-write runs under this lock, so two of them in one
     # process never interleave (a target serialises it against other writes itself).
@@ -599,6 +603,7 @@ class BackstoreHandler(Handler):
                 f"{backstore.describe()} is smaller than the {config.size} bytes to serve"
             )
         self.backstore = backstore
+        self.blocking = backstore.blocking
 
     def _bs(self) -> Backstore:
         if self.backstore is None:

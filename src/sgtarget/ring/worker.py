@@ -179,6 +179,7 @@ class Worker:
             self._fail(f"fetch: {exc}")
             return
         tmr = False
+        inline: list[Request] = []
         for item in items:
             if isinstance(item, TmrNotice):
                 tmr = True
@@ -187,17 +188,33 @@ class Worker:
                     _tmr_name(item.tmr_type),
                     list(item.cmd_ids),
                 )
+            elif not self._handler.blocking:
+                inline.append(item)
             else:
                 self._pool.submit(self._run, item)
+        if inline:
+            self._run_inline(inline)
         if tmr:
             self._done.ring()  # the TMR entries' ring space came back
 
-    def _run(self, req: Request) -> None:
+    def _run_inline(self, reqs: list[Request]) -> None:
+        """Non-blocking handler: run the batch here and ring the done doorbell once."""
+        for req in reqs:
+            if not self._complete(req, self._result(req)):
+                return
+        with self._lock:
+            n, self._unrung = self._unrung, 0
+        if n:
+            self._done.ring()
+
+    def _result(self, req: Request) -> Result:
         try:
-            result = self._execute(req)
+            return self._execute(req)
         except Exception:  # execute() maps handler errors: this is the worker's own bug
             log.exception("cmd_id %d (CDB %s) failed in the worker", req.cmd_id, req.cdb.hex())
-            result = INTERNAL_ERROR
+            return INTERNAL_ERROR
+
+    def _complete(self, req: Request, result: Result) -> bool:
         read_len = result.read_len if self._read_len else None
         try:
             with self._lock:
@@ -209,12 +226,17 @@ class Worker:
                     unknown_op=result.unknown_op,
                 )
                 self._unrung += 1
-            # Completions other threads made meanwhile are signalled by this one ring.
-            with self._lock:
-                n, self._unrung = self._unrung, 0
         except Exception as exc:
             self._fail(f"completing cmd_id {req.cmd_id}: {exc}")
+            return False
+        return True
+
+    def _run(self, req: Request) -> None:
+        if not self._complete(req, self._result(req)):
             return
+        # Completions other threads made meanwhile are signalled by this one ring.
+        with self._lock:
+            n, self._unrung = self._unrung, 0
         if n:
             self._done.ring()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import random
 from collections.abc import AsyncIterator, Coroutine
@@ -20,6 +21,7 @@ from sgtarget.backstores.file import FileBackstore
 from sgtarget.backstores.null import NullBackstore
 from sgtarget.cli.specs import build_backstore, parse_lun_spec
 from sgtarget.datapath import Pool
+from sgtarget.datapath.mapping import MapDirection, WindowMapping
 from sgtarget.ring.backstore import (
     COPY_REASON,
     MODES,
@@ -164,8 +166,8 @@ def test_isolated_mode_copies_through_the_window(pool: Pool, image: Path) -> Non
 
     run(main())
     copies = pool.stats.copies
-    # WRITE: copied in; READ: the zeroed buffer copied in, the data copied back.
-    assert copies[("window-map", "in")] == 2 * len(data)
+    # WRITE: copied in; READ: a zeroed window (nothing copied in), the data copied back.
+    assert copies[("window-map", "in")] == len(data)
     assert copies[("window-map", "out")] == len(data)
 
 
@@ -277,6 +279,40 @@ def test_not_started() -> None:
     with pytest.raises(BackstoreError, match="not started"):
         bs.readv(0, [memoryview(bytearray(512))])
     bs.close()
+
+
+# ---- the window mapping's additions for rings ---------------------------------------------
+
+
+def test_window_map_segments_zero_and_discard(pool: Pool) -> None:
+    """map_segments maps arena ranges as map() maps scatter lists; zero=True hands the consumer
+    zeros without copying the stale original in; unmap(discard=True) copies nothing back; the
+    window is a memfd another process can map."""
+    win = WindowMapping(pool, 1024 * KiB)
+    sg = pool.alloc(128 * KiB)
+    try:
+        sg.copy_in(b"\x33" * (128 * KiB), reason="test")
+        off = sg.segments[0][0] * pool.block_size
+        before = pool.stats.copied_bytes
+        m = win.map_segments([(off, 128 * KiB)], MapDirection.FROM_CONSUMER, zero=True)
+        assert pool.stats.copied_bytes == before
+        assert not any(v.tobytes().strip(b"\0") for v in m.views())
+        shared = mmap.mmap(win.fd, len(win.buffer))  # what a handler process maps
+        for w, n in m.entries:
+            shared[w : w + n] = b"\x44" * n
+        shared.close()
+        win.unmap(m)
+        assert sg.to_bytes() == b"\x44" * (128 * KiB)
+        m = win.map_segments([(off, 4096)], MapDirection.FROM_CONSUMER)
+        win.buffer[m.entries[0][0]] = 0x55
+        win.unmap(m, discard=True)
+        assert sg.to_bytes(0, 1) == b"\x44"
+        with pytest.raises(ValueError, match="outside the pool arena"):
+            win.map_segments([(pool.size - 512, 1024)], MapDirection.TO_CONSUMER)
+        assert win.stats.slots_in_use == 0
+    finally:
+        sg.release()
+        win.close()
 
 
 # ---- the data area -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ _USED = 1
 
 #: Copy accounting reason in the pool's ``DataPathStats``.
 COPY_REASON = "window-map"
+_ZEROS = memoryview(bytes(64 * 1024))
 
 
 class MapDirection(enum.Enum):
@@ -323,9 +324,20 @@ class WindowMapping:
     def map(self, sg: ScatterList, offset: int, length: int, direction: MapDirection) -> Mapped:
         return self.map_segments(_segments(self._pool, sg, offset, length), direction)
 
-    def map_segments(self, segments: Sequence[tuple[int, int]], direction: MapDirection) -> Mapped:
+    def map_segments(
+        self,
+        segments: Sequence[tuple[int, int]],
+        direction: MapDirection,
+        *,
+        zero: bool = False,
+    ) -> Mapped:
         """Map ``(arena offset, length)`` segments of the pool arena, as ``map`` maps a
-        scatter list's entries (for callers that hold arena views, not scatter lists)."""
+        scatter list's entries (for callers that hold arena views, not scatter lists).
+
+        ``zero``: the consumer gets zeros instead of a copy of the original bytes -- for a
+        READ whose buffer holds nothing to preserve: no stale byte shows and nothing is copied
+        in (unmap still copies all of it back, so the original ends up zeros plus the data).
+        """
         pool = self._pool
         for orig, n in segments:
             if orig < 0 or n < 0 or orig + n > pool.size:
@@ -358,9 +370,16 @@ class WindowMapping:
         # from an earlier mapping shows through).
         arena = pool.arena
         window = self.buffer
-        for (win, n), orig in zip(mapped.entries, mapped._arena_offsets, strict=True):
-            window[win : win + n] = arena[orig : orig + n]
-        copied = sum(n for _win, n in pieces)
+        if zero:
+            for win, n in mapped.entries:
+                for at in range(win, win + n, len(_ZEROS)):
+                    end = min(win + n, at + len(_ZEROS))
+                    window[at:end] = _ZEROS[: end - at]
+            copied = 0
+        else:
+            for (win, n), orig in zip(mapped.entries, mapped._arena_offsets, strict=True):
+                window[win : win + n] = arena[orig : orig + n]
+            copied = sum(n for _win, n in pieces)
         pool.stats.add_copy(COPY_REASON, "in", copied)
         mapped.copied = copied
         st.maps += 1

@@ -574,18 +574,18 @@ class RingBackstore(Backstore):
         mapped: Mapped | None = None
         try:
             segs = self._arena_segments(pool, views, staged, read)
-            if read:
-                for off, ln in segs:  # rule 4: the handler never sees stale bytes
-                    ctypes.memset(self._arena_addr + off, 0, ln)
             window = area.window
             if window is None:  # zerocopy: the arena is the data area
+                if read:
+                    for off, ln in segs:  # rule 4: the handler never sees stale bytes
+                        ctypes.memset(self._arena_addr + off, 0, ln)
                 iovs = [(worker.data_off + off, ln) for off, ln in segs]
             else:
                 direction = MapDirection.FROM_CONSUMER if read else MapDirection.TO_CONSUMER
 
                 def attempt() -> Mapped | None:
-                    try:
-                        return window.map_segments(segs, direction)
+                    try:  # a READ's window is zeroed, not a copy of the stale buffer
+                        return window.map_segments(segs, direction, zero=read)
                     except WindowFull:
                         return None
 

@@ -22,6 +22,7 @@ from sgtarget.backstores.null import NullBackstore
 from sgtarget.cli.specs import build_backstore, parse_lun_spec
 from sgtarget.datapath import Pool
 from sgtarget.datapath.mapping import MapDirection, WindowMapping
+from sgtarget.ring import backstore as ring_backstore
 from sgtarget.ring.backstore import (
     COPY_REASON,
     MODES,
@@ -316,6 +317,30 @@ def test_window_map_segments_zero_and_discard(pool: Pool) -> None:
 
 
 # ---- the data area -------------------------------------------------------------------------
+
+
+def test_idle_data_area_pages_go_back(
+    pool: Pool, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy mode gives an idle data area's pages above its low blocks back (MADV_REMOVE)."""
+    monkeypatch.setattr(ring_backstore, "RECLAIM_DELAY", 0.05)
+
+    async def main() -> None:
+        async with ring_lun(pool, image, "copy") as bs:
+            io = bs.io(None)  # type: ignore[arg-type]
+            views = [memoryview(bytes(MiB)) for _ in range(3)]
+            await asyncio.gather(*(io.writev(i * MiB, [v]) for i, v in enumerate(views)))
+            assert bs.supervisor is not None
+            (worker,) = bs.supervisor.workers()
+            area = worker.area
+            assert isinstance(area, ring_backstore._Area)
+            assert area.data is not None
+            assert area.data.peak_blocks_in_use >= 32
+            await asyncio.sleep(0.3)
+            assert area.data.reclaimed_blocks > 0
+            assert area.data.blocks_in_use == 0
+
+    run(main())
 
 
 def test_data_area_alloc_free_reclaim() -> None:

@@ -32,7 +32,9 @@ class QuirkyFileHandler(BackstoreHandler):
     - ``started=PATH``: created when a write begins (the test knows it is in flight);
     - ``short_read=1``: reads fill the whole buffer with 0xEE but report half of it;
     - ``check_zeroed=1``: a read whose buffer is not all zeros when it arrives fails;
-    - ``hostile=1``: a write corrupts the ring's cmd_tail, rings done and hangs.
+    - ``hostile=1``: a write corrupts the ring's cmd_tail, rings done and hangs;
+    - ``helper=PATH``: at open, forks a helper process (it inherits every mapping) that writes
+      its pid to PATH and sleeps.
     """
 
     def __init__(self) -> None:
@@ -50,6 +52,15 @@ class QuirkyFileHandler(BackstoreHandler):
         self.short_read = params.pop("short_read", "0") == "1"
         self.check_zeroed = params.pop("check_zeroed", "0") == "1"
         self.hostile = params.pop("hostile", "0") == "1"
+        helper = params.pop("helper", "")
+        if helper and os.fork() == 0:
+            try:
+                with open(helper + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.rename(helper + ".tmp", helper)
+                time.sleep(60)
+            finally:
+                os._exit(0)
         return open_file(HandlerConfig(config.size, config.block_size, params))
 
     def read(self, offset: int, bufs: list[memoryview]) -> int | None:

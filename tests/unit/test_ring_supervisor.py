@@ -115,6 +115,32 @@ def test_sigkill_mid_command(pool: Pool, image: Path, tmp_path: Path, mode: str)
     run(main())
 
 
+def test_forked_helpers_die_with_their_handler(pool: Pool, image: Path, tmp_path: Path) -> None:
+    """A handler that forked a helper (which maps the pool too): killing the handler kills its
+    process group, so nothing that could write into reused buffers survives it."""
+    helper_file = tmp_path / "helper.pid"
+
+    async def main() -> int:
+        async with ring_lun(pool, image, "zerocopy", helper=str(helper_file)) as bs:
+            sup = sup_of(bs)
+            (old,) = sup.pids()
+            await wait_for(helper_file.exists)
+            helper = int(helper_file.read_text())
+            assert not gone(helper)
+            os.kill(old, signal.SIGKILL)
+            await new_pids(sup, {old})
+            return helper
+
+    helper = run(main())
+    deadline = time.monotonic() + 5
+    while not gone(helper):  # killed; a zombie until init reaps it
+        state = Path(f"/proc/{helper}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            break
+        assert time.monotonic() < deadline, f"helper {helper} survived its handler ({state})"
+        time.sleep(0.02)
+
+
 def test_hung_handler_times_out(pool: Pool, image: Path) -> None:
     """handler_timeout=1: a write that takes 30 s kills its process; BUSY; restarted."""
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import struct
 import time
@@ -70,6 +71,7 @@ from sgtarget.ring.supervisor import (
 from sgtarget.ring.target import Completion
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MODES = ("copy", "zerocopy", "isolated")
 #: ``--lun`` keys of a ring LUN, with what they set.
@@ -394,6 +396,7 @@ class RingBackstore(Backstore):
             self._reclaim.cancel()
         if self.supervisor is not None:
             await self.supervisor.stop()
+            log.info("%s: handler processes %s", self.name, self.supervisor.stats)
         if self.inner is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.inner.close)
 

@@ -215,9 +215,6 @@ class Supervisor:
         self.name = name
         self.slots = [_Slot(i) for i in range(workers)]
         self.stats = SupervisorStats()
-        #: Called with a worker just before it starts serving and after it is gone.
-        self.on_worker_start: Callable[[Worker], None] | None = None
-        self.on_worker_gone: Callable[[Worker], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: list[asyncio.Future[None]] = []
         self._stopping = False
@@ -230,10 +227,6 @@ class Supervisor:
         self._stopping = False
         for slot in self.slots:
             self._spawn(slot)
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        return self._loop
 
     def workers(self) -> list[Worker]:
         """Processes that take commands now."""
@@ -317,8 +310,6 @@ class Supervisor:
         loop.add_reader(done.fd, self._on_done, worker)
         loop.add_reader(err_r, self._on_stderr, worker)
         log.info("%s: handler process %d started (slot %d)", self.name, proc.pid, slot.index)
-        if self.on_worker_start is not None:
-            self.on_worker_start(worker)
         self._wake(self._changed)
 
     def _schedule_restart(self, slot: _Slot, *, quick: bool) -> None:
@@ -341,8 +332,9 @@ class Supervisor:
         slot.restart = loop.call_later(delay, self._spawn, slot)
 
     def kill(self, worker: Worker, why: str) -> None:
-        """Kill a process (crash handling follows when its pidfd fires). Idempotent."""
-        if worker.state is not State.LIVE:
+        """Kill a process (crash handling follows when its pidfd fires). Idempotent; also
+        kills one that was told to stop."""
+        if worker.state is State.DEAD or worker.why:
             return
         worker.state = State.DYING
         worker.why = why
@@ -391,8 +383,6 @@ class Supervisor:
         slot = self.slots[worker.slot]
         if slot.worker is worker:
             slot.worker = None
-        if self.on_worker_gone is not None:
-            self.on_worker_gone(worker)
         self._wake(self._changed)
         if not self._stopping:
             quick = time.monotonic() - worker.started < QUICK_DEATH
@@ -536,7 +526,8 @@ class Supervisor:
 
     def _on_done(self, worker: Worker) -> None:
         worker.done.drain()
-        if worker.state is State.LIVE:
+        # A process told to stop still completes its commands; a killed one is not heard.
+        if worker.state is not State.DEAD and not worker.why:
             self._reap(worker)
 
     def _reap(self, worker: Worker) -> None:
@@ -546,8 +537,7 @@ class Supervisor:
         except RingBroken as exc:
             self.stats.broken_rings += 1
             worker.ring_trusted = False
-            if worker.state is State.LIVE:
-                self.kill(worker, f"broke the ring: {exc}")
+            self.kill(worker, f"broke the ring: {exc}")
             return
         for comp in completions:
             p = worker.pending.pop(comp.cmd_id, None)
@@ -562,7 +552,7 @@ class Supervisor:
             self._wake(worker.room)
 
     def _timed_out(self, worker: Worker, cmd_id: int) -> None:
-        if cmd_id in worker.pending and worker.state is State.LIVE:
+        if cmd_id in worker.pending and worker.state is not State.DEAD:
             self.stats.timeouts += 1
             self.kill(worker, f"command {cmd_id} outstanding for more than {self.timeout} s")
 

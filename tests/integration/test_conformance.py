@@ -93,9 +93,9 @@ def test_combine_passed_somewhere_failed_nowhere() -> None:
 
 @pytest.mark.integration
 def test_conformance_all_profiles() -> None:
-    """iscsi-test-cu ALL in the thin (multipath, sanitize) and removable profiles and the
+    """iscsi-test-cu ALL in the thin (sanitize) and removable (multipath) profiles and the
     read-only profile's suites: nothing skipped, CUnit passes everything, and cu_score's
-    failures are only the two documented log artifacts (the script's exit status)."""
+    failures are only the documented log artifacts (the script's exit status)."""
     require_tool("iscsi-test-cu")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.conformance", "--no-tgt"],

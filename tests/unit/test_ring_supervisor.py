@@ -273,6 +273,52 @@ def test_clean_stop_finishes_inflight(pool: Pool, image: Path, tmp_path: Path) -
     assert image.read_bytes()[:4096] == b"\x99" * 4096
 
 
+def test_full_command_ring_waits_for_room(pool: Pool, image: Path) -> None:
+    """A ring too small for the commands in flight: they wait for completions, all succeed."""
+
+    async def main() -> None:
+        options = RingOptions(mode="zerocopy", ring_size=1024)  # a handful of entries
+        bs = RingBackstore(QUIRKY, {"path": str(image), "write_delay": "0.05"}, SIZE, options)
+        await bs.start(pool)
+        try:
+            io = bs.io(None)  # type: ignore[arg-type]
+            views = [memoryview(bytes([i]) * 4096) for i in range(40)]
+            await asyncio.gather(*(io.writev(i * 4096, [v]) for i, v in enumerate(views)))
+            assert sup_of(bs).stats.ring_full_waits > 0
+            out = bytearray(40 * 4096)
+            await io.readv(0, [memoryview(out)])
+            assert out == b"".join(bytes(v) for v in views)
+        finally:
+            await bs.aclose()
+
+    run(main())
+
+
+def test_stop_kills_a_handler_that_does_not_finish(pool: Pool, image: Path, tmp_path: Path) -> None:
+    """Shutdown waits ``grace`` for a hung handler, then SIGKILL: its WRITE gets BUSY (never
+    acknowledged), and nothing is left behind."""
+    started = tmp_path / "started"
+
+    async def main() -> None:
+        options = RingOptions(mode="zerocopy")
+        params = {"path": str(image), "write_delay": "30", "started": str(started)}
+        bs = RingBackstore(QUIRKY, params, SIZE, options)
+        await bs.start(pool)
+        sup = sup_of(bs)
+        (pid,) = sup.pids()
+        write = asyncio.ensure_future(bs.io(None).writev(0, [memoryview(bytes(4096))]))  # type: ignore[arg-type]
+        await wait_for(started.exists)
+        t0 = time.monotonic()
+        await sup.stop(grace=0.5)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(BackstoreBusy):
+            await write
+        assert gone(pid)
+        await bs.aclose()
+
+    run(main())
+
+
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 

@@ -61,6 +61,7 @@ from sgtarget.datapath.sglist import ScatterList
 from sgtarget.datapath.stats import IN, OUT
 from sgtarget.ring.dataarea import DEFAULT_DATA_SIZE, DataArea, Extent
 from sgtarget.ring.supervisor import (
+    DEFAULT_CMDR_SIZE,
     KILL_WAIT,
     STOP_GRACE,
     HandlerCommand,
@@ -125,6 +126,8 @@ class RingOptions:
     timeout: float | None = None
     data_size: int = DEFAULT_DATA_SIZE
     window_size: int = DEFAULT_WINDOW_SIZE
+    #: Command ring bytes per handler process.
+    ring_size: int = DEFAULT_CMDR_SIZE
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -361,6 +364,7 @@ class RingBackstore(Backstore):
             self._make_area,
             workers=self.options.handlers,
             timeout=self.options.command_timeout,
+            cmdr_size=self.options.ring_size,
             name=self.name,
         )
         await self.supervisor.start()

@@ -191,6 +191,8 @@ class SupervisorStats:
     broken_rings: int = 0
     #: Commands completed with BUSY because their handler died.
     failed_inflight: int = 0
+    #: Times a command found its command ring full and waited for completions.
+    ring_full_waits: int = 0
 
 
 class Supervisor:
@@ -506,6 +508,7 @@ class Supervisor:
                 cmd_id = worker.target.submit(cdb, iovs)
                 break
             except RingFull:
+                self.stats.ring_full_waits += 1
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BackstoreBusy(f"{self.name}: command ring full") from None

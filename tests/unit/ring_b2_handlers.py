@@ -29,6 +29,7 @@ class QuirkyFileHandler(BackstoreHandler):
     """The ``file`` handler with misbehaviours chosen by parameters:
 
     - ``write_delay=SECONDS``: every write first sleeps (a hung or slow handler);
+    - ``slow_offset=BYTES``: with ``write_delay``, only writes at this offset sleep;
     - ``started=PATH``: created when a write begins (the test knows it is in flight);
     - ``short_read=1``: reads fill the whole buffer with 0xEE but report half of it;
     - ``check_zeroed=1``: a read whose buffer is not all zeros when it arrives fails;
@@ -40,6 +41,7 @@ class QuirkyFileHandler(BackstoreHandler):
     def __init__(self) -> None:
         super().__init__(self._open_file)
         self.write_delay = 0.0
+        self.slow_offset: int | None = None
         self.started = ""
         self.short_read = False
         self.check_zeroed = False
@@ -48,6 +50,8 @@ class QuirkyFileHandler(BackstoreHandler):
     def _open_file(self, config: HandlerConfig) -> Backstore:
         params = dict(config.params)
         self.write_delay = float(params.pop("write_delay", "0"))
+        slow = params.pop("slow_offset", "")
+        self.slow_offset = int(slow) if slow else None
         self.started = params.pop("started", "")
         self.short_read = params.pop("short_read", "0") == "1"
         self.check_zeroed = params.pop("check_zeroed", "0") == "1"
@@ -75,6 +79,9 @@ class QuirkyFileHandler(BackstoreHandler):
         return super().read(offset, bufs)
 
     def write(self, offset: int, bufs: list[memoryview]) -> None:
+        if self.slow_offset is not None and offset != self.slow_offset:
+            super().write(offset, bufs)
+            return
         _touch(self.started)
         if self.hostile:
             ring = mmap.mmap(_arg("--ring-fd"), _arg("--ring-size"))

@@ -273,6 +273,46 @@ def test_clean_stop_finishes_inflight(pool: Pool, image: Path, tmp_path: Path) -
     assert image.read_bytes()[:4096] == b"\x99" * 4096
 
 
+def test_waiting_command_moves_to_the_restarted_handler(
+    pool: Pool, image: Path, tmp_path: Path
+) -> None:
+    """A WRITE waiting for data-area room when its handler dies never reached the ring: it
+    runs on the restarted handler instead of getting BUSY; the one in flight gets BUSY."""
+    started = tmp_path / "started"
+
+    async def main() -> None:
+        options = RingOptions(mode="copy", data_size=128 * KiB, timeout=0)  # two blocks
+        params = {
+            "path": str(image),
+            "write_delay": "30",
+            "slow_offset": "0",
+            "started": str(started),
+        }
+        bs = RingBackstore(QUIRKY, params, SIZE, options)
+        await bs.start(pool)
+        try:
+            sup = sup_of(bs)
+            io = bs.io(None)  # type: ignore[arg-type]
+            (old,) = sup.pids()
+            first = asyncio.ensure_future(io.writev(0, [memoryview(b"\x01" * (128 * KiB))]))
+            await wait_for(started.exists)
+            second = asyncio.ensure_future(io.writev(MiB, [memoryview(b"\x02" * 4096)]))
+            await asyncio.sleep(0.2)
+            assert not second.done()  # waiting for room in the data area
+            os.kill(old, signal.SIGKILL)
+            with pytest.raises(BackstoreBusy):
+                await first
+            assert await asyncio.wait_for(second, 10) == 4096
+            out = bytearray(4096)
+            await io.readv(MiB, [memoryview(out)])
+            assert out == b"\x02" * 4096
+            assert sup.stats.failed_inflight == 1
+        finally:
+            await bs.aclose()
+
+    run(main())
+
+
 def test_full_command_ring_waits_for_room(pool: Pool, image: Path) -> None:
     """A ring too small for the commands in flight: they wait for completions, all succeed."""
 

@@ -65,6 +65,7 @@ from sgtarget.ring.supervisor import (
     KILL_WAIT,
     STOP_GRACE,
     HandlerCommand,
+    NotSubmitted,
     State,
     Supervisor,
     Worker,
@@ -477,13 +478,21 @@ class RingBackstore(Backstore):
         the bytes of data the handler produced (``read_len``, at most the buffer's length)."""
         sup = self._supervisor()
         views = [v for v in (_bytes(v) for v in views) if len(v)]
-        worker = await sup.acquire()
-        if not views:
-            self._check(await sup.execute(worker, cdb, ()), 0, cdb)
-            return 0
-        if self.options.mode == "copy":
-            return await self._via_data_area(sup, worker, cdb, views, read)
-        return await self._via_arena(sup, worker, cdb, views, read)
+        for attempt in range(len(sup.slots) + 1):
+            worker = await sup.acquire()
+            try:
+                if not views:
+                    self._check(await sup.execute(worker, cdb, ()), 0, cdb)
+                    return 0
+                if self.options.mode == "copy":
+                    return await self._via_data_area(sup, worker, cdb, views, read)
+                return await self._via_arena(sup, worker, cdb, views, read)
+            except NotSubmitted:
+                # Its process died while the command waited for room: nothing ran, so it
+                # may go to another (or the restarted) process, a bounded number of times.
+                if attempt == len(sup.slots):
+                    raise
+        raise AssertionError("unreachable")
 
     async def _room_for(self, worker: Worker, attempt: Callable[[], T | None]) -> T:
         """``attempt()`` until it gives room, waiting for frees up to ``AREA_WAIT``."""
@@ -492,7 +501,7 @@ class RingBackstore(Backstore):
         assert loop is not None
         while True:
             if worker.state is not State.LIVE:
-                raise BackstoreBusy(f"{self.name}: handler process {worker.pid} is gone")
+                raise NotSubmitted(f"{self.name}: handler process {worker.pid} is gone")
             got = attempt()
             if got is not None:
                 return got

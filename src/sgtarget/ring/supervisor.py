@@ -77,6 +77,11 @@ KILL_WAIT = 10.0
 _STDERR_MAX = 64 * 1024
 
 
+class NotSubmitted(BackstoreBusy):
+    """The chosen handler process went away before the command reached its ring: nothing
+    ran, so the command may go to another process."""
+
+
 class SharedArea(Protocol):
     """The data memory a handler process maps next to its ring (``--data-fd``)."""
 
@@ -503,7 +508,7 @@ class Supervisor:
         deadline = time.monotonic() + RING_WAIT
         while True:
             if worker.state is not State.LIVE:
-                raise BackstoreBusy(f"{self.name}: handler process {worker.pid} is gone")
+                raise NotSubmitted(f"{self.name}: handler process {worker.pid} is gone")
             try:
                 cmd_id = worker.target.submit(cdb, iovs)
                 break

@@ -28,6 +28,8 @@ a command outlived ``timeout`` -- the same steps follow, in this order:
    (MEDIUM ERROR) at once instead of waiting for a process that does not come up.
 
 Commands that find no live process wait up to ``START_WAIT`` seconds for one, then get BUSY.
+A command whose process dies before the command reached its ring (it waited for data-area room)
+raises ``NotSubmitted``, and the backstore sends it to another process: nothing ran.
 A full command ring makes a command wait (bounded) for completions to make room.
 
 Shutdown (``stop``): lifelines closed and SIGTERM; each process finishes its commands and

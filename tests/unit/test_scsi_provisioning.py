@@ -16,13 +16,12 @@ from sgtarget.cli.main import main as cli_main
 from sgtarget.cli.specs import build_backstore, lun_flag, parse_lun_spec
 from sgtarget.datapath import Pool
 from sgtarget.scsi.constants import Status
+from sgtarget.scsi.lbastatus import block_runs, lba_status_data
 from sgtarget.scsi.lu import COMMANDS, LogicalUnit
 from sgtarget.scsi.provisioning import (
     MAX_UNMAP_DESCRIPTORS,
     MAX_UNMAP_LBA_COUNT,
     MAX_WRITE_SAME_BLOCKS,
-    block_runs,
-    lba_status_data,
 )
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline

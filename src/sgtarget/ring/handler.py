@@ -57,6 +57,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError
+from sgtarget.scsi.lbastatus import (
+    LBA_STATUS_DESC,
+    LBA_STATUS_HDR,
+    LBA_STATUS_SCAN_BYTES,
+    block_runs,
+    lba_status_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +125,6 @@ SA_GET_LBA_STATUS = 0x12
 _FIXED_SENSE = struct.Struct(">BBBIBIBBB3s")
 SENSE_LENGTH = _FIXED_SENSE.size
 _VALID = 0x80
-#: GET LBA STATUS parameter data: PARAMETER DATA LENGTH, reserved; then per descriptor LBA,
-#: NUMBER OF LOGICAL BLOCKS, PROVISIONING STATUS (0 mapped, 1 deallocated), reserved.
-_LBA_STATUS_HDR = struct.Struct(">I4x")
-_LBA_STATUS_DESC = struct.Struct(">QIB3x")
-PROVISIONING_MAPPED = 0x0
-PROVISIONING_DEALLOCATED = 0x1
-#: GET LBA STATUS looks at most this far ahead of its LBA (as the target's own LUs do); the
-#: descriptors need not reach the end of the medium, so a caller asks again from where they end.
-LBA_STATUS_SCAN_BYTES = 1 << 30
 #: ``write_same`` writes at most this many copies of its block per ``write`` (IOV_MAX).
 _WRITE_SAME_IOVS = 1024
 _BE32 = struct.Struct(">I")
@@ -474,49 +472,6 @@ def _write_same(handler: Handler, cdb: bytes, bufs: Buffers) -> Result:
     return GOOD
 
 
-def block_runs(
-    extents: Extents, block_size: int, first: int, end: int
-) -> list[tuple[int, int, bool]]:
-    """Byte extents as ``(lba, blocks, mapped)`` runs covering blocks ``[first, end)``.
-
-    A block is mapped when any byte of it is (a mapped extent grows to whole blocks, a
-    deallocated one shrinks); a gap the extents leave is mapped; neighbours of one status merge.
-    """
-    runs: list[tuple[int, int, bool]] = []
-    cursor = first
-
-    def add(start: int, stop: int, mapped: bool) -> None:
-        if runs and runs[-1][2] == mapped:
-            runs[-1] = (runs[-1][0], stop - runs[-1][0], mapped)
-        else:
-            runs.append((start, stop - start, mapped))
-
-    for off, length, mapped in extents:
-        if mapped:
-            start, stop = off // block_size, -(-(off + length) // block_size)
-        else:
-            start, stop = -(-off // block_size), (off + length) // block_size
-        start, stop = max(start, cursor), min(stop, end)
-        if stop <= start:
-            continue
-        if start > cursor:
-            add(cursor, start, True)
-        add(start, stop, mapped)
-        cursor = stop
-    if cursor < end:
-        add(cursor, end, True)
-    return runs
-
-
-def lba_status_data(runs: list[tuple[int, int, bool]], max_descriptors: int) -> bytes:
-    """GET LBA STATUS parameter data: header and up to ``max_descriptors`` descriptors."""
-    body = bytearray()
-    for lba, count, mapped in runs[:max_descriptors]:
-        status = PROVISIONING_MAPPED if mapped else PROVISIONING_DEALLOCATED
-        body += _LBA_STATUS_DESC.pack(lba, min(count, 0xFFFFFFFF), status)
-    return _LBA_STATUS_HDR.pack(len(body) + 4) + bytes(body)
-
-
 def _get_lba_status(handler: Handler, cdb: bytes, bufs: Buffers) -> Result:
     _need(cdb, 16)
     lba = _BE64.unpack_from(cdb, 2)[0]
@@ -529,7 +484,7 @@ def _get_lba_status(handler: Handler, cdb: bytes, bufs: Buffers) -> Result:
     room = min(alloc, total_length(bufs))
     extents = handler.mapped_extents(lba * bs, (end - lba) * bs)
     runs = block_runs(extents, bs, lba, end)
-    max_desc = max(1, (room - _LBA_STATUS_HDR.size) // _LBA_STATUS_DESC.size)
+    max_desc = max(1, (room - LBA_STATUS_HDR.size) // LBA_STATUS_DESC.size)
     data = lba_status_data(runs, max_desc)
     n = copy_to_buffers(memoryview(data)[:room], bufs)
     return Result(read_len=n) if n < total_length(bufs) else GOOD

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from sgtarget.backstores.base import BackstoreBusy, BackstoreError
 from sgtarget.scsi.cdb import decode_block, u16, u32
 from sgtarget.scsi.constants import Asc, Opcode, SenseKey, io_window
+from sgtarget.scsi.lbastatus import (
+    LBA_STATUS_DESC,
+    LBA_STATUS_HDR,
+    LBA_STATUS_SCAN_BYTES,
+    block_runs,
+    lba_status_data,
+)
 from sgtarget.scsi.sense import CheckCondition, SenseData, field_pointer
 
 if TYPE_CHECKING:
@@ -35,16 +41,9 @@ MAX_UNMAP_DESCRIPTORS = 256
 #: VPD B0h MAXIMUM WRITE SAME LENGTH (blocks), as LIO. Below 65536 on purpose: a larger one
 #: makes libiscsi's WRITE SAME tests WRITE(16) 65536 blocks first, beyond MAXIMUM TRANSFER.
 MAX_WRITE_SAME_BLOCKS = 0xFFFF
-#: GET LBA STATUS looks at most this far ahead; descriptors need not reach the end of medium.
-LBA_STATUS_SCAN_BYTES = 1 << 30
-#: GET LBA STATUS provisioning status values.
-MAPPED = 0x0
-DEALLOCATED = 0x1
 
 _HDR = struct.Struct(">HH4x")  # UNMAP DATA LENGTH, UNMAP BLOCK DESCRIPTOR DATA LENGTH
 _UNMAP_DESC = struct.Struct(">QI4x")  # LBA, NUMBER OF LOGICAL BLOCKS
-_LBA_STATUS_HDR = struct.Struct(">I4x")  # PARAMETER DATA LENGTH
-_LBA_STATUS_DESC = struct.Struct(">QIB3x")  # LBA, NUMBER OF BLOCKS, PROVISIONING STATUS
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -251,49 +250,6 @@ async def _write_repeated(
 # ---- GET LBA STATUS --------------------------------------------------------------------------
 
 
-def block_runs(
-    extents: Iterable[tuple[int, int, bool]], block_size: int, first: int, end: int
-) -> list[tuple[int, int, bool]]:
-    """Byte extents as ``(lba, nblocks, mapped)`` runs covering blocks ``[first, end)``.
-
-    A block is mapped when any byte of it is: mapped extents grow to whole blocks, deallocated
-    ones shrink. Adjacent runs of the same status are merged.
-    """
-    runs: list[tuple[int, int, bool]] = []
-    cursor = first
-
-    def add(start: int, stop: int, mapped: bool) -> None:
-        if runs and runs[-1][2] == mapped:
-            runs[-1] = (runs[-1][0], stop - runs[-1][0], mapped)
-        else:
-            runs.append((start, stop - start, mapped))
-
-    for off, length, mapped in extents:
-        if mapped:
-            start, stop = off // block_size, -(-(off + length) // block_size)
-        else:
-            start, stop = -(-off // block_size), (off + length) // block_size
-        start, stop = max(start, cursor), min(stop, end)
-        if stop <= start:
-            continue
-        if start > cursor:  # a gap can only be a partial block: it holds data
-            add(cursor, start, True)
-        add(start, stop, mapped)
-        cursor = stop
-    if cursor < end:
-        add(cursor, end, True)
-    return runs
-
-
-def lba_status_data(runs: list[tuple[int, int, bool]], max_descriptors: int) -> bytes:
-    """GET LBA STATUS parameter data: header and up to ``max_descriptors`` descriptors."""
-    body = bytearray()
-    for lba, count, mapped in runs[:max_descriptors]:
-        status = MAPPED if mapped else DEALLOCATED
-        body += _LBA_STATUS_DESC.pack(lba, min(count, 0xFFFFFFFF), status)
-    return _LBA_STATUS_HDR.pack(len(body) + 4) + bytes(body)
-
-
 async def cmd_get_lba_status(lu: LogicalUnit, cmd: Cmd) -> None:
     from sgtarget.scsi.lu import send_reply  # noqa: PLC0415 - lu imports this module
 
@@ -318,5 +274,5 @@ async def cmd_get_lba_status(lu: LogicalUnit, cmd: Cmd) -> None:
     else:
         runs = [(lba, end - lba, True)]
     # As many descriptors as fit the allocation length; at least one, truncated by send_reply.
-    max_desc = max(1, (alloc - _LBA_STATUS_HDR.size) // _LBA_STATUS_DESC.size)
+    max_desc = max(1, (alloc - LBA_STATUS_HDR.size) // LBA_STATUS_DESC.size)
     await send_reply(cmd, lba_status_data(runs, max_desc), alloc)

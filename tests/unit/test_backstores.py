@@ -74,12 +74,12 @@ def test_import_registers_all_kinds() -> None:
 @pytest.mark.parametrize(
     ("kind", "params", "fragment"),
     [
-        ("ram", {"size": "1M", "sise": "2"}, "ram: unknown key 'sise' (accepted: size)"),
-        ("null", {"path": "/x", "size": "1M"}, "null: unknown key 'path' (accepted: size)"),
+        ("ram", {"size": "1M", "sise": "2"}, "ram: unknown key 'sise' (accepted: bs, pi, size)"),
+        ("null", {"path": "/x", "size": "1M"}, "null: unknown key 'path' (accepted: bs, size)"),
         (
             "file",
             {"path": "/x", "thin": "1"},
-            "file: unknown key 'thin' (accepted: direct, path, size)",
+            "file: unknown key 'thin' (accepted: bs, direct, path, pi, size)",
         ),
         ("ram", {}, "ram: missing required key 'size'"),
         ("null", {}, "null: missing required key 'size'"),

@@ -381,7 +381,7 @@ def test_build_backstore(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("ram:size=1G,pi=1", "ram: unknown key 'pi' (accepted: size)"),
+        ("ram:size=1G,pii=1", "ram: unknown key 'pii' (accepted: bs, pi, size)"),
         ("ram:", "ram: missing required key 'size'"),
         ("null:size=lots", "invalid size 'lots'"),
         ("ram:size=1000", "not a positive multiple of 512"),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from sgtarget.datapath.bounce import ConsumerLimits
 
 if TYPE_CHECKING:
+    from sgtarget.backstores.pi import ProtectionStore
     from sgtarget.datapath.pool import Pool
 
 Buffers = Sequence[memoryview]
@@ -68,6 +69,11 @@ class Backstore(abc.ABC):
     #: What buffers ``readv``/``writev`` accept (alignment, segments); the SCSI layer bounces
     #: the ones that do not fit. ``None``: any buffers. Class default, instances may override.
     limits: ConsumerLimits | None = None
+    #: Logical block size the medium is formatted with (``bs=``): the LU's block size.
+    block_size: int = 512
+    #: Protection information beside the data (``pi=``, backstores/pi.py), or ``None``: the
+    #: LUN has no PI and cannot be formatted with it.
+    protection: ProtectionStore | None = None
 
     def __init__(self, size: int) -> None:
         self.size = size

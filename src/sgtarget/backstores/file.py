@@ -9,6 +9,10 @@ processes from serving the same file (advisory: it does not stop other programs)
 without write permission can be served; the file must then exist and is never created, grown
 or flushed.
 
+``bs=512|4096`` is the logical block size (default 512). ``pi=1|2|3`` formats the LUN with
+T10 protection information of that type, kept in a sidecar file ``PATH.pi`` (8 bytes per
+block, created and grown sparsely like the image; see ``backstores/pi.py``).
+
 ``direct=1`` opens the file with ``O_DIRECT``: the page cache is bypassed and the pool's pages go
 to the device as they are. O_DIRECT needs aligned offsets, lengths and addresses, which the
 backstore states in ``limits``; the SCSI layer bounces the I/Os that do not fit.
@@ -26,6 +30,7 @@ import stat
 from collections.abc import Callable, Sequence
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.backstores.pi import FileProtection, parse_format, sidecar_path
 from sgtarget.datapath.bounce import ConsumerLimits
 from sgtarget.units import parse_size
 
@@ -75,14 +80,19 @@ class FileBackstore(Backstore):
         direct: bool = False,
         readonly: bool = False,
         lock: bool = True,
+        block_size: int = SECTOR,
+        pi: int = 0,
     ) -> None:
         # lock=False: a ring handler process opening the file its target process has locked.
         self.path = os.fspath(path)
         self.direct = direct
         self.readonly = readonly
+        if block_size not in (512, 4096):
+            raise ValueError(f"file: block size {block_size} is not 512 or 4096")
+        self.block_size = block_size
         # Buffered I/O takes any buffers and readv/writev already split at IOV_MAX: no limits.
         self.limits = DIRECT_LIMITS if direct else None
-        unit = DIRECT_ALIGNMENT if direct else SECTOR
+        unit = max(DIRECT_ALIGNMENT if direct else SECTOR, block_size)
         if size is not None and (size <= 0 or size % unit):
             extra = " with direct=1" if direct else ""
             raise ValueError(f"file: size {size} is not a positive multiple of {unit}{extra}")
@@ -114,6 +124,10 @@ class FileBackstore(Backstore):
             super().__init__(self._fit(fd, size))
             if direct:
                 self._probe_direct(fd)
+            if pi:
+                self.protection = FileProtection(
+                    sidecar_path(self.path), self.size // block_size, pi, readonly=readonly
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -158,10 +172,10 @@ class FileBackstore(Backstore):
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"file: {self.path} is not a regular file")
         if size is None:
-            if st.st_size <= 0 or st.st_size % SECTOR:
+            if st.st_size <= 0 or st.st_size % self.block_size:
                 raise ValueError(
                     f"file: {self.path} is {st.st_size} bytes, not a positive multiple of "
-                    f"{SECTOR} (give size= to grow it)"
+                    f"{self.block_size} (give size= to grow it)"
                 )
             if self.direct and st.st_size % DIRECT_ALIGNMENT:
                 raise ValueError(
@@ -320,6 +334,8 @@ class FileBackstore(Backstore):
             os.fdatasync(self._fd)
         except OSError as exc:
             raise BackstoreError(f"file: fdatasync of {self.path}: {_why(exc)}") from exc
+        if self.protection is not None:
+            self.protection.flush()
 
     def close(self) -> None:
         """Flush, unlock and close; idempotent. The lock and fd are released even if the
@@ -331,6 +347,8 @@ class FileBackstore(Backstore):
             self.flush()
         finally:
             self._fd = -1
+            if self.protection is not None:
+                self.protection.close()
             # Unlock explicitly: a forked child sharing the open file would keep the lock alive.
             try:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -398,7 +416,9 @@ def _why(exc: OSError) -> str:
 
 @register("file")
 def create_file(params: dict[str, str], /, *, readonly: bool = False) -> FileBackstore:
-    check_params("file", params, ("direct", "path", "size"), required=("path",))
+    params = dict(params)
+    block_size, pi = parse_format("file", params, pi=True)
+    check_params("file", params, ("bs", "direct", "path", "pi", "size"), required=("path",))
     size = parse_size(params["size"]) if "size" in params else None
     raw = params.get("direct", "0")
     direct = _BOOLS.get(raw.lower())
@@ -406,4 +426,6 @@ def create_file(params: dict[str, str], /, *, readonly: bool = False) -> FileBac
         raise ValueError(
             f"file: direct={raw!r} is not one of {', '.join(_BOOLS)} (O_DIRECT on or off)"
         )
-    return FileBackstore(params["path"], size, direct=direct, readonly=readonly)
+    return FileBackstore(
+        params["path"], size, direct=direct, readonly=readonly, block_size=block_size, pi=pi
+    )

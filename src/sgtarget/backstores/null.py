@@ -1,4 +1,5 @@
-"""``null``: discards writes, reads zeros (``--lun null:size=SIZE``); for benchmarks and tests.
+"""``null``: discards writes, reads zeros (``--lun null:size=SIZE[,bs=512|4096]``); for
+benchmarks and tests. It takes no ``pi=``: PI it forgot could never be read back.
 
 Reads must overwrite the buffers: pool blocks are recycled, and leaving their old bytes in place
 would hand one initiator data from another's command.
@@ -7,6 +8,7 @@ would hand one initiator data from another's command.
 from __future__ import annotations
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.backstores.pi import parse_format
 from sgtarget.units import parse_size
 
 SECTOR = 512
@@ -24,10 +26,13 @@ class NullBackstore(Backstore):
     kind = "null"
     blocking = False
 
-    def __init__(self, size: int) -> None:
-        if size <= 0 or size % SECTOR:
-            raise ValueError(f"null: size {size} is not a positive multiple of {SECTOR}")
+    def __init__(self, size: int, *, block_size: int = SECTOR) -> None:
+        if block_size not in (512, 4096):
+            raise ValueError(f"null: block size {block_size} is not 512 or 4096")
+        if size <= 0 or size % block_size:
+            raise ValueError(f"null: size {size} is not a positive multiple of {block_size}")
         super().__init__(size)
+        self.block_size = block_size
 
     def _extent(self, offset: int, bufs: Buffers) -> int:
         total = sum(b.nbytes for b in bufs)
@@ -55,5 +60,8 @@ class NullBackstore(Backstore):
 
 @register("null")
 def create_null(params: dict[str, str], /, *, readonly: bool = False) -> NullBackstore:
-    check_params("null", params, ("size",), required=("size",))
-    return NullBackstore(parse_size(params["size"]))
+    params = dict(params)
+    # No pi=: PI written to a medium that forgets the data could never be read back.
+    block_size, _ = parse_format("null", params, pi=False)
+    check_params("null", params, ("bs", "size"), required=("size",))
+    return NullBackstore(parse_size(params["size"]), block_size=block_size)

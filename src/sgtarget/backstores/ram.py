@@ -1,5 +1,8 @@
 """``ram``: volatile storage in an anonymous private mapping (``--lun ram:size=SIZE``).
 
+``bs=512|4096`` sets the logical block size, ``pi=1|2|3`` formats it with protection
+information (kept in anonymous memory beside the data, backstores/pi.py).
+
 The kernel hands out zero pages lazily, so an unwritten RAM disk costs no memory; a size larger
 than the kernel is willing to commit fails at creation instead of at the first write. Reads and
 writes copy between the mapping and the buffers: that copy is the storage itself.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import mmap
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
+from sgtarget.backstores.pi import MemoryProtection, parse_format
 from sgtarget.units import format_size, parse_size
 
 SECTOR = 512
@@ -31,10 +35,15 @@ class RamBackstore(Backstore):
     kind = "ram"
     blocking = False
 
-    def __init__(self, size: int) -> None:
-        if size <= 0 or size % SECTOR:
-            raise ValueError(f"ram: size {size} is not a positive multiple of {SECTOR}")
+    def __init__(self, size: int, *, block_size: int = SECTOR, pi: int = 0) -> None:
+        if block_size not in (512, 4096):
+            raise ValueError(f"ram: block size {block_size} is not 512 or 4096")
+        if size <= 0 or size % block_size:
+            raise ValueError(f"ram: size {size} is not a positive multiple of {block_size}")
         super().__init__(size)
+        self.block_size = block_size
+        if pi:
+            self.protection = MemoryProtection(size // block_size, pi)
         try:
             # Private, not shared: nothing else should see it, and the kernel can refuse an
             # absurd size up front under its overcommit heuristic.
@@ -93,6 +102,8 @@ class RamBackstore(Backstore):
             _zero(mem, offset, end)
 
     def close(self) -> None:
+        if self.protection is not None:
+            self.protection.close()
         mem, self._mem = self._mem, None
         if mem is not None:
             mem.release()
@@ -101,5 +112,7 @@ class RamBackstore(Backstore):
 
 @register("ram")
 def create_ram(params: dict[str, str], /, *, readonly: bool = False) -> RamBackstore:
-    check_params("ram", params, ("size",), required=("size",))
-    return RamBackstore(parse_size(params["size"]))
+    params = dict(params)
+    block_size, pi = parse_format("ram", params, pi=True)
+    check_params("ram", params, ("bs", "pi", "size"), required=("size",))
+    return RamBackstore(parse_size(params["size"]), block_size=block_size, pi=pi)

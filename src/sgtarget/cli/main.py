@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_arg(parse_lun_spec, "lun"),
         metavar="SPEC",
-        help="file:PATH[,size=SIZE][,direct=1] | ram:size=SIZE | null:size=SIZE, each "
-        "with optional LUN flags ,thin=1 (UNMAP / thin provisioning), ,readonly=1 "
+        help="file:PATH[,size=SIZE][,direct=1][,pi=1|2|3] | ram:size=SIZE[,pi=1|2|3] | "
+        "null:size=SIZE, each with ,bs=512|4096 (logical block size; pi= formats the LUN "
+        "with T10 protection information of that type, a file's kept in PATH.pi) and "
+        "optional LUN flags ,thin=1 (UNMAP / thin provisioning), ,readonly=1 "
         "(write-protected; a file is opened read-only), ,removable=1 (removable medium: "
         "PREVENT ALLOW MEDIUM REMOVAL, eject/load with START STOP UNIT), ,unmap=0 (with "
         "thin=1: no UNMAP command, WRITE SAME with UNMAP only) and ,physical_block_size=SIZE "

@@ -286,7 +286,7 @@ class LogicalUnit:
         *,
         runner: BlockingRunner,
         identity: str,
-        block_size: int = 512,
+        block_size: int | None = None,
         vendor: str = "SGTARGET",
         product: str = "VIRTUAL-DISK",
         revision: str = "0001",
@@ -296,6 +296,9 @@ class LogicalUnit:
         unmap: bool = True,
         physical_block_size: int | None = None,
     ) -> None:
+        # Default: the block size the backstore's medium is formatted with (``bs=``).
+        if block_size is None:
+            block_size = backstore.block_size
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
         # Default: PHYSICAL_BLOCK_SIZE, or one logical block if that is larger.

@@ -68,7 +68,7 @@ from sgtarget.scsi.reservations import (
 )
 from sgtarget.scsi.sanitize import BDC_ERASE_READS, SanitizeAction, Sanitizer, cmd_sanitize
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
-from sgtarget.scsi.task import BlockingRunner, DataChannel, Task
+from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
 from sgtarget.scsi.writes import cmd_orwrite, cmd_write_atomic, fill_atomic_limits
 from sgtarget.scsi.xcopy import (
     CopyResults,
@@ -313,6 +313,11 @@ class LogicalUnit:
         self.backstore = backstore
         #: The backstore's operations as awaitables (a thread pool for blocking kinds).
         self.io = backstore.io(runner)
+        #: Protection information beside the data (``pi=``); ``None``: the LU has no PI and
+        #: cannot be formatted with it. Its ``ptype`` (0 when formatted without) is current.
+        self.protection = backstore.protection
+        blocking_pi = self.protection is not None and self.protection.blocking
+        self._run_pi: BlockingRunner = runner if blocking_pi else run_inline
         self.identity = identity
         self.block_size = block_size
         self.vendor = vendor
@@ -361,6 +366,11 @@ class LogicalUnit:
             state_path=state_path_for(path if isinstance(path, str) else None),
             relative_port_id=lambda: self._directory.relative_port_id if self._directory else 1,
         )
+
+    @property
+    def pi_type(self) -> int:
+        """The protection type the medium is formatted with: 0 (none), 1, 2 or 3."""
+        return self.protection.ptype if self.protection is not None else 0
 
     @property
     def readonly(self) -> bool:
@@ -595,7 +605,7 @@ class LogicalUnit:
             data = self.standard_inquiry()
         else:
             builder = _VPD_PAGES.get(inq.page_code)
-            if builder is None:
+            if builder is None or not self._has_vpd(inq.page_code):
                 raise CheckCondition.invalid_field(2)
             data = builder(self)
         await send_reply(cmd, data, inq.alloc_len)
@@ -609,6 +619,8 @@ class LogicalUnit:
         data[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
         data[4] = len(data) - 5
         data[5] = 0x08  # 3PC: this LU is a copy manager (EXTENDED COPY)
+        if self.protection is not None:
+            data[5] |= 0x01  # PROTECT: may be formatted with PI (RC16 says whether it is)
         data[7] = 0x02  # CMDQUE
         data[8:16] = _pad(self.vendor, 8)
         data[16:32] = _pad(self.product, 16)
@@ -621,7 +633,26 @@ class LogicalUnit:
         return bytes((DEVICE_TYPE_DISK, page)) + _U16.pack(len(body)) + body
 
     def _vpd_supported(self) -> bytes:
-        return self._vpd(VpdPage.SUPPORTED_PAGES, bytes(sorted(_VPD_PAGES)))
+        pages = (p for p in sorted(_VPD_PAGES) if self._has_vpd(p))
+        return self._vpd(VpdPage.SUPPORTED_PAGES, bytes(pages))
+
+    def _has_vpd(self, page: int) -> bool:
+        # Extended INQUIRY Data is about protection information: only PI-capable LUs have it.
+        return page != VpdPage.EXTENDED_INQUIRY or self.protection is not None
+
+    def _vpd_extended_inquiry(self) -> bytes:
+        """Extended INQUIRY Data (SPC-5 7.7.7), for the protection fields.
+
+        SPT 111b: FORMAT UNIT takes types 1, 2 and 3. GRD_CHK, APP_CHK, REF_CHK: we check the
+        guard, the application tag (against a 32-byte CDB's expected tag and mask) and the
+        reference tag, as the RDPROTECT/WRPROTECT/VRPROTECT tables allow (scsi/protection.py).
+        """
+        body = bytearray(0x3C)
+        body[0] = 0x07 << 3 | 0x04 | 0x02 | 0x01  # SPT, GRD_CHK, APP_CHK, REF_CHK
+        body[1] = 0x01  # SIMPSUP
+        body[2] = 0x01  # V_SUP: a volatile cache (WCE), flushed by SYNCHRONIZE CACHE
+        body[3] = 0x01  # LUICLR (SPC-5 requires it set)
+        return self._vpd(VpdPage.EXTENDED_INQUIRY, bytes(body))
 
     def _vpd_serial(self) -> bytes:
         return self._vpd(VpdPage.UNIT_SERIAL_NUMBER, self.serial.encode("ascii"))
@@ -718,6 +749,11 @@ class LogicalUnit:
             # commands run concurrently), QERR 0, UA_INTLCK_CTRL 0.
             page[3] = 0x10
             page[4] = 0x08 if self.swp else 0x00
+            if self.protection is not None:
+                # ATO: the application tag belongs to the application client; we never change
+                # it (and check it only against a 32-byte CDB's expected tag). DPICZ 0: with
+                # a protect field of 0 we still check what we read.
+                page[5] = 0x80
             _U16.pack_into(page, 8, 0xFFFF)  # BUSY TIMEOUT PERIOD: unlimited
         return bytes(page)
 
@@ -839,7 +875,12 @@ class LogicalUnit:
 
     async def _cmd_read_capacity_16(self, cmd: Cmd) -> None:
         lbppbe = self.lbppb.bit_length() - 1
-        data = _RC16.pack(self.num_blocks - 1, self.block_size, 0, lbppbe, rc16_provisioning(self))
+        ptype = self.pi_type
+        # P_TYPE (type - 1) and PROT_EN; P_I_EXPONENT 0: one tuple per logical block.
+        prot = ((ptype - 1) << 1 | 0x01) if ptype else 0
+        data = _RC16.pack(
+            self.num_blocks - 1, self.block_size, prot, lbppbe, rc16_provisioning(self)
+        )
         await send_reply(cmd, data, u32(cmd.cdb, 10))
 
     async def _cmd_prefetch(self, cmd: Cmd) -> None:
@@ -1213,6 +1254,7 @@ _VPD_PAGES: dict[int, Callable[[LogicalUnit], bytes]] = {
     VpdPage.BLOCK_LIMITS: LogicalUnit._vpd_block_limits,
     VpdPage.BLOCK_DEVICE_CHARACTERISTICS: LogicalUnit._vpd_block_characteristics,
     VpdPage.LOGICAL_BLOCK_PROVISIONING: LogicalUnit._vpd_provisioning,
+    VpdPage.EXTENDED_INQUIRY: LogicalUnit._vpd_extended_inquiry,
 }
 
 _MODE_PAGES: dict[int, Callable[[LogicalUnit, int], bytes]] = {

@@ -443,7 +443,9 @@ def test_options_defaults_and_errors() -> None:
     assert RingOptions("copy", timeout=0).command_timeout is None
     params = {"path": "/x", "handler": "zerocopy", "handlers": "3", "handler_timeout": "2.5"}
     opts = pop_ring_options("file", params)
-    assert opts == RingOptions("zerocopy", handlers=3, timeout=2.5)
+    assert opts == RingOptions("zerocopy", handlers=3, timeout=2.5, threads=0)
+    opts = pop_ring_options("null", {"handler": "copy", "handler_threads": "8"})
+    assert opts == RingOptions("copy", threads=8)
     assert params == {"path": "/x"}
     assert pop_ring_options("file", {"path": "/x"}) is None
     for kind, bad, msg in [
@@ -453,6 +455,8 @@ def test_options_defaults_and_errors() -> None:
         ("file", {"handler": "copy", "handlers": "two"}, "is not a number"),
         ("file", {"handler": "copy", "handler_timeout": "-1"}, "0 \\(off\\) or positive"),
         ("file", {"handler": "copy", "handler_timeout": "inf"}, "0 \\(off\\) or positive"),
+        ("file", {"handler": "copy", "handler_threads": "-1"}, "is not a number"),
+        ("file", {"handler": "copy", "handler_threads": "257"}, "is not from 0 to 256"),
         ("ram", {"handler": "copy"}, "ram LUNs cannot run in a handler process"),
     ]:
         with pytest.raises(ValueError, match=msg):

@@ -251,6 +251,21 @@ def test_one_thread_completes_in_order(image: Path) -> None:
         assert [c.cmd_id for c in w.reap(4)] == ids
 
 
+def test_no_threads_runs_blocking_commands_in_the_loop_in_order(image: Path) -> None:
+    """--threads 0: the slow read runs first and the others wait for it (no pool)."""
+    with worker(image, SLOW, threads=0, slow="5", delay="0.3") as w:
+        w.data[0:BS] = b"\x17" * BS
+        assert w.run(write16(5, 1), [w.iov(0, BS)]).status == 0  # the slow LBA, written
+        start = time.monotonic()
+        ids = [w.submit(read16(5, 1), [w.iov(BS, BS)])]
+        ids += [w.submit(read16(10 + i, 1), [w.iov(BS * (i + 2), BS)]) for i in range(3)]
+        done = w.reap(4)
+        assert [c.cmd_id for c in done] == ids
+        assert all(c.status == 0 for c in done)
+        assert time.monotonic() - start >= 0.25
+        assert bytes(w.data[BS : 2 * BS]) == b"\x17" * BS
+
+
 def test_a_handler_that_is_not_concurrent_gets_one_command_at_a_time(image: Path) -> None:
     handler = "tests.unit.ring_handlers:SerialSlowFileHandler"
     with worker(image, handler, threads=4, slow="5,6,7,8", delay="0.2") as w:
@@ -262,9 +277,10 @@ def test_a_handler_that_is_not_concurrent_gets_one_command_at_a_time(image: Path
         assert {c.cmd_id for c in done} == set(ids)
 
 
-def test_many_commands_wrap_the_ring(image: Path) -> None:
+@pytest.mark.parametrize("threads", [4, 0])
+def test_many_commands_wrap_the_ring(image: Path, threads: int) -> None:
     """Far more entries than the ring holds at once: PADs, wrap-around, cmd_id reuse."""
-    with worker(image, threads=4) as w:
+    with worker(image, threads=threads) as w:
         expect = bytearray(IMAGE)
         sent = 0
         completed: list[Completion] = []

@@ -82,11 +82,15 @@ RING_KEYS: Mapping[str, str] = {
     "handlers": "how many handler processes (default 1)",
     "handler_timeout": "seconds a command may take before its handler is killed and restarted "
     "(default 30, 0 = off; off by default with handler=zerocopy)",
+    "handler_threads": "threads per handler process (default 0: commands run one after another "
+    "in the process's loop, the cheapest for page-cache files; more for media that need a "
+    "queue depth per process)",
 }
 #: Kinds a handler process can serve (``ram`` lives in the target's own memory).
 RING_KINDS = ("file", "null")
 DEFAULT_TIMEOUT = 30.0
 MAX_HANDLERS = 64
+MAX_THREADS = 256
 #: Bytes per ring command: larger I/Os are split (the SCSI layer's windows are 1 MiB anyway).
 MAX_CMD_BYTES = 1024 * 1024
 #: Isolated mode's bounce window per handler process.
@@ -129,6 +133,7 @@ class RingOptions:
     window_size: int = DEFAULT_WINDOW_SIZE
     #: Command ring bytes per handler process.
     ring_size: int = DEFAULT_CMDR_SIZE
+    #: Threads per handler process; 0: commands run in its loop; ``None``: the worker's default.
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +143,8 @@ class RingOptions:
             raise ValueError(f"handlers={self.handlers} is not from 1 to {MAX_HANDLERS}")
         if self.timeout is not None and not 0 <= self.timeout < 1e6:
             raise ValueError(f"handler_timeout={self.timeout} is not 0 (off) or positive")
+        if self.threads is not None and not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"handler_threads={self.threads} is not from 0 to {MAX_THREADS}")
 
     @property
     def command_timeout(self) -> float | None:
@@ -165,12 +172,8 @@ def pop_ring_options(kind: str, params: dict[str, str]) -> RingOptions | None:
             f"handler={mode}: {kind} LUNs cannot run in a handler process "
             f"(only {', '.join(RING_KINDS)})"
         )
-    handlers = 1
-    if "handlers" in raw:
-        text = raw["handlers"]
-        if not (text.isascii() and text.isdigit()):
-            raise ValueError(f"handlers={text!r} is not a number")
-        handlers = int(text)
+    handlers = _count(raw, "handlers", 1)
+    threads = _count(raw, "handler_threads", 0)
     timeout: float | None = None
     if "handler_timeout" in raw:
         text = raw["handler_timeout"]
@@ -180,7 +183,16 @@ def pop_ring_options(kind: str, params: dict[str, str]) -> RingOptions | None:
             raise ValueError(f"handler_timeout={text!r} is not a number of seconds") from None
         if not 0 <= timeout < 1e6:  # also refuses nan and inf
             raise ValueError(f"handler_timeout={text!r} is not 0 (off) or positive seconds")
-    return RingOptions(mode=mode, handlers=handlers, timeout=timeout)
+    return RingOptions(mode=mode, handlers=handlers, timeout=timeout, threads=threads)
+
+
+def _count(raw: Mapping[str, str], key: str, default: int) -> int:
+    text = raw.get(key)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{key}={text!r} is not a number")
+    return int(text)
 
 
 class _Area:

@@ -7,8 +7,8 @@ Python calls. Two tables, GB/s (10^9 bytes/s of block data, best of ``--rounds``
   over ``--size`` bytes at 512- and 4096-byte blocks, for each implementation: the native
   ``_dif`` extension with carry-less multiplication (``clmul``) and with its slicing-by-16 table
   only (``table``, what a CPU without PCLMULQDQ gets), and the fastcrc fallback (one call per
-  block). Then ``split()`` and ``interleave()`` of the same transfer as received in 64 KiB
-  buffers, in microseconds.
+  block). Then, in microseconds, ``split()`` and ``interleave()`` (views) and their copy forms
+  ``split_into()`` and ``interleave_into()`` of the same transfer, in 64 KiB buffers.
 - Candidate libraries: one call over the whole buffer (what the library can do at best), and
   one call per block in a list comprehension (the best a Python caller gets from it: no library
   computes one CRC per block of a buffer). A library not installed is listed as such; the
@@ -116,6 +116,11 @@ def library_crcs() -> dict[str, Crc | str]:
     return found
 
 
+def chop(buf: bytearray, piece: int) -> list[memoryview]:
+    view = memoryview(buf)
+    return [view[o : o + piece] for o in range(0, len(buf), piece)]
+
+
 def per_block(crc: Crc, view: memoryview, block_size: int) -> list[int]:
     return [crc(view[o : o + block_size]) for o in range(0, len(view), block_size)]
 
@@ -175,12 +180,28 @@ def main(argv: list[str] | None = None) -> int:
             memoryview(wire)[o : o + RECEIVE_BUFFER] for o in range(0, len(wire), RECEIVE_BUFFER)
         ]
         pieces, tuples = dif.split(received, bs)
-        split_s = best_seconds(lambda: dif.split(received, bs), rounds)  # noqa: B023
-        inter_s = best_seconds(lambda: dif.interleave(data, pi, bs), rounds)  # noqa: B023
-        rows.append([bs, f"{split_s * 1e6:.0f}", f"{inter_s * 1e6:.0f}", len(pieces), len(tuples)])
+        # The copy forms write into pool-sized buffers, as a bounce would.
+        data_out = chop(bytearray(size), RECEIVE_BUFFER)
+        pi_out = bytearray(len(pi))
+        wire_out = chop(bytearray(len(wire)), RECEIVE_BUFFER)
+        times = [
+            best_seconds(lambda: dif.split(received, bs), rounds),  # noqa: B023
+            best_seconds(lambda: dif.interleave(data, pi, bs), rounds),  # noqa: B023
+            best_seconds(lambda: dif.split_into(received, bs, data_out, pi_out), rounds),  # noqa: B023
+            best_seconds(lambda: dif.interleave_into(data, pi, bs, wire_out), rounds),  # noqa: B023
+        ]
+        rows.append([bs, *(f"{t * 1e6:.0f}" for t in times), len(pieces), len(tuples)])
     print()
     print_table(
-        ["block", "split us", "interleave us", "data pieces", "PI pieces"],
+        [
+            "block",
+            "split us",
+            "interleave us",
+            "split_into us",
+            "interleave_into us",
+            "data pieces",
+            "PI pieces",
+        ],
         rows,
         title=f"split/interleave of {size} bytes received in {RECEIVE_BUFFER // 1024} KiB buffers",
     )

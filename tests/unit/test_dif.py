@@ -347,7 +347,7 @@ def wire_of(data: bytes, pi: bytes, block_size: int) -> bytes:
     )
 
 
-def test_split_golden() -> None:
+def test_split_golden(impl: str) -> None:
     wire = b"AAAA" + b"11111111" + b"BBBB" + b"22222222"
     data, pi = dif.split([wire[:6], wire[6:12], wire[12:]], 4)
     assert [bytes(p) for p in data] == [b"AAAA", b"BBBB"]
@@ -357,19 +357,19 @@ def test_split_golden() -> None:
     assert dif.split_segments([wire[:2], wire[2:]], 4) == 3
 
 
-def test_interleave_golden() -> None:
+def test_interleave_golden(impl: str) -> None:
     out = dif.interleave([b"AAAAB", b"BBB"], b"1111111122222222", 4)
     assert [bytes(p) for p in out] == [b"AAAA", b"11111111", b"B", b"BBB", b"22222222"]
 
 
-def test_split_refuses_a_cut_block() -> None:
+def test_split_refuses_a_cut_block(impl: str) -> None:
     with pytest.raises(ValueError, match="ends"):
         dif.split([b"x" * 13], 4)
     with pytest.raises(ValueError, match="PI bytes"):
         dif.interleave([b"x" * 8], b"y" * 8, 4)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(
     nblocks=st.integers(0, 10),
     block_size=st.sampled_from([1, 4, 16, 512]),
@@ -377,8 +377,8 @@ def test_split_refuses_a_cut_block() -> None:
     dcuts=st.lists(st.integers(0, 10 * 512), max_size=5),
     seed=st.binary(min_size=1, max_size=16),
 )
-def test_split_interleave_round_trip(
-    nblocks: int, block_size: int, cuts: list[int], dcuts: list[int], seed: bytes
+def test_split_interleave_round_trip(  # noqa: PLR0917 - one per hypothesis strategy
+    impl: str, nblocks: int, block_size: int, cuts: list[int], dcuts: list[int], seed: bytes
 ) -> None:
     data = (seed * (nblocks * block_size))[: nblocks * block_size]
     pi = bytes((i * 37 + 5) & 0xFF for i in range(nblocks * 8))
@@ -399,7 +399,7 @@ def test_split_interleave_round_trip(
     assert b"".join(dif.interleave(dpieces, b"".join(ppieces), block_size)) == wire
 
 
-def test_split_1mib_of_pool_sized_buffers() -> None:
+def test_split_1mib_of_pool_sized_buffers(impl: str) -> None:
     # 1 MiB of 512-byte blocks received into 64 KiB buffers: 2,048 blocks, a few straddle.
     block_size = 512
     data = bytes(range(256)) * 4096
@@ -445,3 +445,49 @@ def test_gather_refuses_a_bad_bounce() -> None:
         dif.gather(pieces, 2, [memoryview(bytearray(5))] * 3)
     with pytest.raises(ValueError, match="below 1"):
         dif.gather(pieces, 0)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(
+    nblocks=st.integers(0, 8),
+    block_size=st.sampled_from([1, 4, 512]),
+    cuts=st.lists(st.integers(0, 8 * 520), max_size=6),
+    dcuts=st.lists(st.integers(0, 8 * 512), max_size=4),
+    pcuts=st.lists(st.integers(0, 64), max_size=3),
+    spare=st.integers(0, 9),
+)
+def test_copy_forms_match_the_views(  # noqa: PLR0917 - one per hypothesis strategy
+    impl: str,
+    nblocks: int,
+    block_size: int,
+    cuts: list[int],
+    dcuts: list[int],
+    pcuts: list[int],
+    spare: int,
+) -> None:
+    data = bytes((i * 7 + i // 251) & 0xFF for i in range(nblocks * block_size))
+    pi = bytes((i * 37 + 5) & 0xFF for i in range(nblocks * 8))
+    wire = wire_of(data, pi, block_size)
+    # Destinations cut anywhere, with room to spare: filled from the start.
+    data_out = chop(bytes(len(data) + spare), dcuts)
+    pi_out = chop(bytes(len(pi) + spare), pcuts)
+    assert dif.split_into(chop(wire, cuts), block_size, data_out, pi_out) == nblocks
+    assert b"".join(data_out)[: len(data)] == data
+    assert b"".join(pi_out)[: len(pi)] == pi
+    wire_out = chop(bytes(len(wire) + spare), cuts)
+    assert dif.interleave_into(chop(data, dcuts), chop(pi, pcuts), block_size, wire_out) == nblocks
+    assert b"".join(wire_out)[: len(wire)] == wire
+
+
+def test_copy_forms_refuse_short_buffers(impl: str) -> None:
+    wire = wire_of(bytes(1024), bytes(16), 512)
+    with pytest.raises(ValueError, match="data buffers"):
+        dif.split_into([wire], 512, [memoryview(bytearray(1023))], bytearray(16))
+    with pytest.raises(ValueError, match="PI buffers"):
+        dif.split_into([wire], 512, bytearray(1024), bytearray(15))
+    with pytest.raises(ValueError, match="ends"):
+        dif.split_into([wire[:-1]], 512, bytearray(1024), bytearray(16))
+    with pytest.raises(ValueError, match="wire buffers"):
+        dif.interleave_into(bytes(1024), bytes(16), 512, bytearray(len(wire) - 1))
+    with pytest.raises(ValueError, match="PI buffers"):
+        dif.interleave_into(bytes(1024), bytes(8), 512, bytearray(len(wire)))

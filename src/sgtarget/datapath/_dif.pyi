@@ -26,4 +26,14 @@ def verify(
     app_mask: int,
     /,
 ) -> tuple[int, int] | None: ...
+def copy_split(
+    wire: Sequence[_Buffer],
+    block_size: int,
+    data: Sequence[memoryview],
+    pi: Sequence[memoryview],
+    /,
+) -> int: ...
+def copy_interleave(
+    data: Sequence[_Buffer], block_size: int, pi: Sequence[_Buffer], wire: Sequence[memoryview], /
+) -> int: ...
 def use_clmul(on: bool, /) -> bool: ...

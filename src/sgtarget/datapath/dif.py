@@ -34,6 +34,12 @@ Additions to the contract (issue 6):
   ``limit`` of them (zero copy), else a bounce copy into ``bounce`` (e.g. pool blocks'
   views) or a new buffer: a consumer's segment limit (IOV_MAX) never fails a command (seed 003).
   ``scatter(src, dst)`` copies back the other way (READ through a bounce).
+- ``split_into(wire, block_size, data, pi)`` / ``interleave_into(data, pi, block_size,
+  wire)``: the same layouts as ``split``/``interleave`` copied into caller buffers (a bounce
+  from the pool) in one native call. A ``memoryview`` per block costs about 0.2 us, more than
+  copying a 512-byte block: with 512-byte blocks a 1 MiB transfer is ~2,060 data pieces, over
+  IOV_MAX, and copying is both the fallback and the cheaper path; with 4096-byte blocks views
+  are cheap and stay within the limit (benchmarks/crc.py prints both costs).
 - ``NATIVE``: whether the C extension ``_dif`` is in use.
 
 Two implementations give the same results: the C extension ``_dif`` (built at install when a
@@ -230,12 +236,12 @@ def split(wire: Sequence[Buffer], block_size: int) -> tuple[list[memoryview], li
     """
     if block_size <= 0:
         raise ValueError(f"block size {block_size} is not positive")
+    views = [_bytes(buf) for buf in wire]
     unit = block_size + TUPLE_SIZE
     data: list[memoryview] = []
     pi: list[memoryview] = []
     pos = 0  # position within the current block+tuple unit, carried across buffers
-    for buf in wire:
-        view = _bytes(buf)
+    for view in views:
         n = len(view)
         off = 0
         if pos:  # finish the unit the previous buffer began
@@ -276,7 +282,8 @@ def split_segments(wire: Sequence[Buffer], block_size: int) -> int:
         # Units whose data bytes [u * unit, u * unit + block_size) meet [start, end).
         first = max(0, (start - block_size) // unit + 1)
         last = (end - 1) // unit
-        count += max(0, last - first + 1)
+        if end > start:
+            count += max(0, last - first + 1)
         start = end
     return count
 
@@ -291,11 +298,11 @@ def interleave(data: Buffers, pi: Buffer, block_size: int) -> list[memoryview]:
     tuples = _bytes(pi)
     if len(tuples) != count * TUPLE_SIZE:
         raise ValueError(f"{len(tuples)} PI bytes for {count} blocks")
+    views = [_bytes(buf) for buf in pieces]
     out: list[memoryview] = []
     block = 0
     pos = 0  # data bytes of the current block already placed
-    for buf in pieces:
-        view = _bytes(buf)
+    for view in views:
         n = len(view)
         off = 0
         if pos and n:
@@ -324,6 +331,59 @@ def interleave(data: Buffers, pi: Buffer, block_size: int) -> list[memoryview]:
             out.append(view[off:])
             pos = n - off
     return out
+
+
+def split_into(wire: Sequence[Buffer], block_size: int, data: Buffers, pi: Buffers) -> int:
+    """``split``'s bounce form: copy the blocks' bytes into ``data`` and the tuples into ``pi``.
+
+    ``data`` and ``pi`` (e.g. pool blocks' views) are filled from their start and must hold
+    them. Returns the number of blocks. Cheaper than ``split`` when its pieces would exceed the
+    consumer's segment limit anyway: a view costs more than copying 512 bytes (benchmarks/crc.py).
+    """
+    dst_data, dst_pi = _as_list(data), _as_list(pi)
+    count = _wire_blocks(wire, block_size)
+    _check_room(dst_data, count * block_size, "data")
+    _check_room(dst_pi, count * TUPLE_SIZE, "PI")
+    if _native is not None:
+        done: int = _native.copy_split(wire, block_size, dst_data, dst_pi)
+        return done
+    pieces, tuples = split(wire, block_size)
+    scatter(pieces, [_bytes(d) for d in dst_data])
+    scatter(tuples, [_bytes(p) for p in dst_pi])
+    return count
+
+
+def interleave_into(data: Buffers, pi: Buffers, block_size: int, wire: Buffers) -> int:
+    """``interleave``'s bounce form: copy blocks and tuples, interleaved, into ``wire``.
+
+    ``wire`` is filled from its start and must hold them. Returns the number of blocks.
+    """
+    src_data, src_pi, dst = _as_list(data), _as_list(pi), _as_list(wire)
+    count = _count_blocks(src_data, block_size)
+    _check_room(src_pi, count * TUPLE_SIZE, "PI")
+    _check_room(dst, count * (block_size + TUPLE_SIZE), "wire")
+    if _native is not None:
+        done: int = _native.copy_interleave(src_data, block_size, src_pi, dst)
+        return done
+    tuples = b"".join(src_pi)[: count * TUPLE_SIZE]
+    scatter(interleave(src_data, tuples, block_size), [_bytes(w) for w in dst])
+    return count
+
+
+def _wire_blocks(wire: Sequence[Buffer], block_size: int) -> int:
+    if block_size <= 0:
+        raise ValueError(f"block size {block_size} is not positive")
+    unit = block_size + TUPLE_SIZE
+    total = sum(_bytes(b).nbytes for b in wire)
+    if total % unit:
+        raise ValueError(f"wire data ends {total % unit} bytes into a {unit}-byte block and tuple")
+    return total // unit
+
+
+def _check_room(views: Sequence[Buffer], need: int, what: str) -> None:
+    room = sum(_bytes(v).nbytes for v in views)
+    if room < need:
+        raise ValueError(f"{what} buffers of {room} bytes cannot hold {need}")
 
 
 def gather(

@@ -108,7 +108,7 @@ def test_iscsi_test_cu_zerocopy(sgtarget: StartTarget, tmp_path: Path, suite: st
     _run_suite(tool, t.url(), tmp_path, suite)
 
 
-@pytest.mark.parametrize("mode", ["zerocopy", "copy"])
+@pytest.mark.parametrize("mode", MODES)
 def test_sigkill_handler_under_write_load(sgtarget: StartTarget, tmp_path: Path, mode: str) -> None:
     """The handler dies mid-load: BUSY is retried by QEMU, the handler is back within
     seconds, and the image reads back identical (no acknowledged write lost)."""

@@ -237,7 +237,7 @@ static int
 check_sizes(const sglist *sg, Py_ssize_t block_size, Py_ssize_t *blocks)
 {
     if (block_size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "block_size must be positive");
+        PyErr_Format(PyExc_ValueError, "block size %zd is not positive", block_size);
         return -1;
     }
     if (sg->total % block_size) {

@@ -98,6 +98,10 @@ def _bytes(buf: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def _nbytes(buf: Buffer) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
 def _as_list(data: Buffers) -> Sequence[Buffer]:
     if isinstance(data, bytes | bytearray | memoryview):
         return (data,)
@@ -107,7 +111,7 @@ def _as_list(data: Buffers) -> Sequence[Buffer]:
 def _count_blocks(data: Sequence[Buffer], block_size: int) -> int:
     if block_size <= 0:
         raise ValueError(f"block size {block_size} is not positive")
-    total = sum(_bytes(b).nbytes for b in data)
+    total = sum(_nbytes(b) for b in data)
     if total % block_size:
         raise ValueError(f"{total} bytes are not a multiple of the block size {block_size}")
     return total // block_size
@@ -154,9 +158,9 @@ def _guard_list(data: Sequence[Buffer], block_size: int) -> list[int]:
 def guards(data: Buffers, block_size: int) -> bytes:
     """The guard of every block, 2 bytes each, big-endian, in block order."""
     pieces = _as_list(data)
-    count = _count_blocks(pieces, block_size)
-    if _native is not None:
+    if _native is not None:  # it checks the sizes itself: no Python pass over the pieces
         return _native.guards(pieces, block_size)  # type: ignore[no-any-return]
+    count = _count_blocks(pieces, block_size)
     return struct.pack(f">{count}H", *_guard_list(pieces, block_size))
 
 
@@ -169,10 +173,9 @@ def generate(
     _check_range("reference tag", ref_tag, 32)
     _check_range("application tag", app_tag, 16)
     pieces = _as_list(data)
-    count = _count_blocks(pieces, block_size)
     if _native is not None:
         return _native.generate(pieces, block_size, ref_tag, increment, app_tag)  # type: ignore[no-any-return]
-    out = bytearray(count * TUPLE_SIZE)
+    out = bytearray(_count_blocks(pieces, block_size) * TUPLE_SIZE)
     step = 1 if increment else 0
     for i, g in enumerate(_guard_list(pieces, block_size)):
         _TUPLE.pack_into(out, i * TUPLE_SIZE, g, app_tag, (ref_tag + i * step) & ESCAPE_REF)
@@ -205,16 +208,16 @@ def verify(
     _check_range("application tag", app_tag, 16)
     _check_range("application tag mask", app_mask, 16)
     pieces = _as_list(data)
-    count = _count_blocks(pieces, block_size)
     tuples = pi if isinstance(pi, bytes | bytearray | memoryview) else b"".join(pi)
-    if _bytes(tuples).nbytes != count * TUPLE_SIZE:
-        raise ValueError(f"{_bytes(tuples).nbytes} PI bytes for {count} blocks")
     if _native is not None:
         found = _native.verify(
             pieces, tuples, block_size, ptype, guard, app, ref, increment, ref_tag, app_tag,
             app_mask,
         )  # fmt: skip
         return None if found is None else PiError(found[0], Check(found[1]))
+    count = _count_blocks(pieces, block_size)
+    if _nbytes(tuples) != count * TUPLE_SIZE:
+        raise ValueError(f"{_nbytes(tuples)} PI bytes for {count} blocks")
     computed = _guard_list(pieces, block_size) if guard else None
     step = 1 if increment else 0
     for i, (got_guard, got_app, got_ref) in enumerate(_TUPLE.iter_unpack(tuples)):
@@ -278,7 +281,7 @@ def split_segments(wire: Sequence[Buffer], block_size: int) -> int:
     count = 0
     start = 0  # wire offset of this buffer
     for buf in wire:
-        end = start + _bytes(buf).nbytes
+        end = start + _nbytes(buf)
         # Units whose data bytes [u * unit, u * unit + block_size) meet [start, end).
         first = max(0, (start - block_size) // unit + 1)
         last = (end - 1) // unit
@@ -374,14 +377,14 @@ def _wire_blocks(wire: Sequence[Buffer], block_size: int) -> int:
     if block_size <= 0:
         raise ValueError(f"block size {block_size} is not positive")
     unit = block_size + TUPLE_SIZE
-    total = sum(_bytes(b).nbytes for b in wire)
+    total = sum(_nbytes(b) for b in wire)
     if total % unit:
         raise ValueError(f"wire data ends {total % unit} bytes into a {unit}-byte block and tuple")
     return total // unit
 
 
 def _check_room(views: Sequence[Buffer], need: int, what: str) -> None:
-    room = sum(_bytes(v).nbytes for v in views)
+    room = sum(_nbytes(v) for v in views)
     if room < need:
         raise ValueError(f"{what} buffers of {room} bytes cannot hold {need}")
 

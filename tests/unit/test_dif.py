@@ -251,6 +251,28 @@ def test_verify_escape_is_per_block(impl: str) -> None:
     assert found == PiError(2, Check.REF)
 
 
+@pytest.mark.parametrize("guard", [True, False])
+def test_verify_steps_over_skipped_blocks_across_pieces(impl: str, guard: bool) -> None:
+    # Blocks cut across buffers, the middle one escaped or not guard-checked: the next block's
+    # guard must still be computed over its own bytes.
+    data = bytes(range(256)) * 2 + BLOCK + bytes(512)
+    pi = tuple_bytes(0x4F10, 1, 7) + tuple_bytes(0, 0xFFFF, 0) + tuple_bytes(0, 1, 9)
+    pieces = chop(data, [100, 700, 1300])
+    flags = {"guard": guard, "app": True, "ref": True}
+    assert (
+        dif.verify(pieces, pi, 512, ptype=2, **flags, ref_tag=7, app_tag=1, app_mask=0xFFFF) is None
+    )
+    bad = pi[:-1] + b"\x0a"
+    found = dif.verify(pieces, bad, 512, ptype=2, **flags, ref_tag=7, app_tag=1, app_mask=0xFFFF)
+    assert found == PiError(2, Check.REF)
+    if guard:
+        wrong = pi[:16] + tuple_bytes(1, 1, 9)
+        found = dif.verify(
+            pieces, wrong, 512, ptype=2, **flags, ref_tag=7, app_tag=1, app_mask=0xFFFF
+        )
+        assert found == PiError(2, Check.GUARD)
+
+
 def test_verify_reference_tags(impl: str) -> None:
     data = BLOCK * 3
     inc = dif.generate(data, 512, ref_tag=0xFFFFFFFE)

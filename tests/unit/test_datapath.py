@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sgtarget.datapath import Pool, PoolExhausted, ScatterList, SGIter
+from sgtarget.datapath.blockmap import BlockMap
 
 BS = 4096
 
@@ -230,3 +231,37 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 TestPoolMachine = PoolMachine.TestCase
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40)), max_size=60))
+def test_block_map_hands_out_each_block_once_and_shrinks_above_the_top(
+    ops: list[tuple[bool, int]],
+) -> None:
+    bm = BlockMap(128, 16)
+    held: list[tuple[int, int]] = []
+    owner = [False] * 128
+    for take, n in ops:
+        if take and n <= bm.free:
+            runs = bm.take(n)
+            assert sum(c for _, c in runs) == n
+            for first, count in runs:
+                assert first + count <= bm.thresh <= 128
+                assert not any(owner[first : first + count])
+                owner[first : first + count] = [True] * count
+            held += runs
+        elif held:
+            first, count = held.pop(n % len(held))
+            bm.release(first, count)
+            owner[first : first + count] = [False] * count
+        assert bm.in_use == sum(owner) == 128 - bm.free
+    top = max((i + 1 for i, used in enumerate(owner) if used), default=0)
+    before = bm.thresh
+    thresh, freed = bm.shrink()
+    assert thresh == bm.thresh == (max(16, top) if max(16, top) < before else before)
+    assert freed == before - thresh
+    if held:
+        first, count = held[0]
+        bm.release(first, count)
+        with pytest.raises(RuntimeError, match="double free"):
+            bm.release(first, count)

@@ -5,11 +5,10 @@ backstore reads into and writes from them, and Data-In PDUs are sent from them. 
 shared mapping of a memfd: page aligned (usable with O_DIRECT), and a handler process given
 ``fd`` maps the very same pages, so payload crosses the process boundary without a copy.
 
-Blocks are handed out by a byte map (one byte per block, 0 = free) searched with
-``bytearray.find``, which runs in C. The search is confined below a threshold that grows only
-when demand needs it (TCMU's ``dbi_thresh``), so a lightly used pool keeps touching the same low
-blocks and the pages above stay untouched; ``reclaim`` lowers it again when the pool goes idle
-and gives the pages above it back to the kernel (TCMU's unmap worker).
+Blocks are handed out by ``datapath.blockmap.BlockMap`` (a byte map searched in C below a
+threshold that grows with demand, TCMU's ``dbi_thresh``), so a lightly used pool keeps touching
+the same low blocks; ``reclaim`` lowers the threshold again when the pool goes idle and gives
+the pages above it back to the kernel (TCMU's unmap worker).
 
 Exhaustion is an expected outcome: ``try_alloc`` returns ``None`` and the caller turns that into
 flow control (waiting for ``on_free``) or, as a last resort, TASK SET FULL. A reserve of blocks
@@ -23,6 +22,7 @@ import mmap
 import os
 from collections.abc import Callable
 
+from sgtarget.datapath.blockmap import BlockMap, memfd_mapping
 from sgtarget.datapath.sglist import ScatterList
 from sgtarget.datapath.stats import DataPathStats
 
@@ -30,8 +30,6 @@ PAGE_SIZE = mmap.PAGESIZE
 DEFAULT_POOL_SIZE = 64 * 1024 * 1024
 DEFAULT_BLOCK_SIZE = 64 * 1024
 
-_FREE = 0
-_USED = 1
 #: The search threshold never drops below this many blocks.
 _MIN_THRESH = 64
 
@@ -44,9 +42,8 @@ class Pool:
     """A budgeted arena of ``size`` bytes split into blocks of ``block_size`` bytes."""
 
     __slots__ = (
-        "_map",
+        "_blocks",
         "_mmap",
-        "_thresh",
         "arena",
         "block_size",
         "fd",
@@ -67,17 +64,9 @@ class Pool:
         self.nblocks = size // block_size
         self.size = self.nblocks * block_size
         #: The memfd behind the arena (close-on-exec): pass it to processes that share it.
-        self.fd = os.memfd_create("sgtarget-pool", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, self.size)
-            self._mmap = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self._mmap = memfd_mapping("sgtarget-pool", self.size)
         self.arena = memoryview(self._mmap)
-        self._map = bytearray(self.nblocks)
-        # Search the first blocks only until demand pushes past them.
-        self._thresh = min(self.nblocks, _MIN_THRESH)
+        self._blocks = BlockMap(self.nblocks, _MIN_THRESH)
         self.stats = DataPathStats()
         #: Blocks only ``try_alloc(..., reserve=True)`` may take (unsolicited data).
         self.reserve_blocks = 0
@@ -88,7 +77,7 @@ class Pool:
 
     @property
     def free_blocks(self) -> int:
-        return self.nblocks - self.stats.blocks_in_use
+        return self._blocks.free
 
     def usable_blocks(self, *, reserve: bool = False) -> int:
         """Free blocks an allocation may take (the reserve only for ``reserve=True``)."""
@@ -120,27 +109,13 @@ class Pool:
         if need > self.usable_blocks(reserve=reserve):
             self.stats.failed_allocations += 1
             return None
-        bmap = self._map
         sg = ScatterList(self)
         remaining = nbytes
-        start = 0
         bs = self.block_size
-        while need:
-            idx = bmap.find(_FREE, start, self._thresh)
-            if idx < 0:
-                # Grow the search window; the budget check above guarantees a free block exists.
-                start = self._thresh
-                self._thresh = min(self.nblocks, max(self._thresh * 2, self._thresh + need))
-                continue
-            run = 1
-            while run < need and idx + run < self._thresh and bmap[idx + run] == _FREE:
-                run += 1
-            bmap[idx : idx + run] = b"\x01" * run
+        for idx, run in self._blocks.take(need):
             take = min(remaining, run * bs)
             sg.append_blocks(idx, run, take)
             remaining -= take
-            need -= run
-            start = idx + run
         self.stats.allocations += 1
         self.stats.blocks_in_use += sg.nblocks
         self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.stats.blocks_in_use)
@@ -153,10 +128,7 @@ class Pool:
         return sg
 
     def free_run(self, first_block: int, nblocks: int) -> None:
-        bmap = self._map
-        if bmap.find(_FREE, first_block, first_block + nblocks) >= 0:
-            raise RuntimeError(f"double free of pool blocks {first_block}+{nblocks}")
-        bmap[first_block : first_block + nblocks] = bytes(nblocks)
+        self._blocks.release(first_block, nblocks)
         self.stats.blocks_in_use -= nblocks
         if self.on_free is not None:
             self.on_free()
@@ -168,14 +140,11 @@ class Pool:
         low. ``MADV_REMOVE`` (not ``MADV_DONTNEED``) because the arena is shared memory: only
         removing the pages frees them.
         """
-        top = self._map.rfind(_USED, 0, self._thresh) + 1
-        new_thresh = min(self.nblocks, max(_MIN_THRESH, top))
-        if new_thresh >= self._thresh:
+        thresh, freed = self._blocks.shrink()
+        if not freed:
             return 0
         bs = self.block_size
-        freed = self._thresh - new_thresh
-        self._mmap.madvise(mmap.MADV_REMOVE, new_thresh * bs, freed * bs)
-        self._thresh = new_thresh
+        self._mmap.madvise(mmap.MADV_REMOVE, thresh * bs, freed * bs)
         self.stats.reclaimed_blocks += freed
         return freed
 

@@ -5,11 +5,10 @@ and copies every command's payload between the command's pages and blocks of it;
 handler sees only the data area. ``DataArea`` is that area for ``handler=copy``: one memfd
 per handler process (shared with it by fd), ``size`` bytes in ``block_size`` blocks.
 
-Blocks are found with ``bytearray.find`` over one byte per block, confined below a search
-threshold that grows only when demand needs it (TCMU's ``dbi_thresh``; ``datapath.pool`` works
-the same way), so a lightly used area touches only its low pages. ``reclaim`` lowers the
-threshold again when the area is idle and gives the pages above it back with ``MADV_REMOVE``
-(TCMU's unmap worker; a shared mapping only frees pages that are removed).
+Blocks come from the pool's allocator (``datapath.blockmap.BlockMap``: a search threshold
+that grows only with demand, TCMU's ``dbi_thresh``), so a lightly used area touches only its low
+pages. ``reclaim`` lowers the threshold again when the area is idle and gives the pages above
+it back with ``MADV_REMOVE`` (TCMU's unmap worker).
 
 ``alloc`` never grows the area: a full area answers ``None`` and the caller waits for frees
 (``on_free``), then gives up with a retryable status. Not thread-safe: one event loop owns it.
@@ -22,14 +21,14 @@ import mmap
 import os
 from collections.abc import Callable, Iterable
 
+from sgtarget.datapath.blockmap import BlockMap, memfd_mapping
+
 #: Default size of one handler's data area (pages are allocated only when touched).
 DEFAULT_DATA_SIZE = 32 * 1024 * 1024
 #: Default block: 16 pages, as the pool's blocks (TCMU's data blocks are one page).
 DEFAULT_DATA_BLOCK = 64 * 1024
 PAGE_SIZE = mmap.PAGESIZE
 
-_FREE = 0
-_USED = 1
 #: The search threshold never drops below this many blocks.
 _MIN_THRESH = 16
 
@@ -40,11 +39,9 @@ class DataArea:
     """``size`` bytes of shared memory in ``block_size`` blocks; ``alloc``/``free`` extents."""
 
     __slots__ = (
-        "_map",
+        "_blocks",
         "_mmap",
-        "_thresh",
         "block_size",
-        "blocks_in_use",
         "buf",
         "fd",
         "nblocks",
@@ -63,17 +60,9 @@ class DataArea:
         self.nblocks = size // block_size
         self.size = self.nblocks * block_size
         #: The memfd (close-on-exec): pass it to the handler process that shares the area.
-        self.fd = os.memfd_create("sgtarget-ring-data", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, self.size)
-            self._mmap = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self._mmap = memfd_mapping("sgtarget-ring-data", self.size)
         self.buf = memoryview(self._mmap)
-        self._map = bytearray(self.nblocks)
-        self._thresh = min(self.nblocks, _MIN_THRESH)
-        self.blocks_in_use = 0
+        self._blocks = BlockMap(self.nblocks, _MIN_THRESH)
         self.peak_blocks_in_use = 0
         self.reclaimed_blocks = 0
         #: Called after blocks are freed (whoever waits for room retries).
@@ -84,8 +73,12 @@ class DataArea:
         return self.fd < 0
 
     @property
+    def blocks_in_use(self) -> int:
+        return self._blocks.in_use
+
+    @property
     def free_blocks(self) -> int:
-        return self.nblocks - self.blocks_in_use
+        return self._blocks.free
 
     def blocks_for(self, nbytes: int) -> int:
         return -(-nbytes // self.block_size)
@@ -105,29 +98,13 @@ class DataArea:
             raise ValueError(f"{nbytes} bytes do not fit a data area of {self.size}")
         if need > self.free_blocks:
             return None
-        bmap = self._map
         bs = self.block_size
         out: list[Extent] = []
         remaining = nbytes
-        start = 0
-        taken = need
-        while need:
-            idx = bmap.find(_FREE, start, self._thresh)
-            if idx < 0:
-                # Grow the search window; the count check above guarantees a free block.
-                start = self._thresh
-                self._thresh = min(self.nblocks, max(self._thresh * 2, self._thresh + need))
-                continue
-            run = 1
-            while run < need and idx + run < self._thresh and bmap[idx + run] == _FREE:
-                run += 1
-            bmap[idx : idx + run] = b"\x01" * run
+        for idx, run in self._blocks.take(need):
             take = min(remaining, run * bs)
             out.append((idx * bs, take))
             remaining -= take
-            need -= run
-            start = idx + run
-        self.blocks_in_use += taken
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
         return out
 
@@ -136,18 +113,13 @@ class DataArea:
         if self.closed:
             return
         bs = self.block_size
-        bmap = self._map
         freed = 0
         for offset, length in extents:
             if offset % bs or length <= 0 or offset + length > self.size:
                 raise ValueError(f"not an extent of this data area: {offset}+{length}")
-            first = offset // bs
             count = self.blocks_for(length)
-            if bmap.find(_FREE, first, first + count) >= 0:
-                raise RuntimeError(f"double free of data area blocks {first}+{count}")
-            bmap[first : first + count] = bytes(count)
+            self._blocks.release(offset // bs, count)
             freed += count
-        self.blocks_in_use -= freed
         if freed and self.on_free is not None:
             self.on_free()
 
@@ -159,14 +131,11 @@ class DataArea:
         """Give pages above the highest block in use back to the kernel; returns blocks freed."""
         if self.closed:
             return 0
-        top = self._map.rfind(_USED, 0, self._thresh) + 1
-        new_thresh = min(self.nblocks, max(_MIN_THRESH, top))
-        if new_thresh >= self._thresh:
+        thresh, freed = self._blocks.shrink()
+        if not freed:
             return 0
         bs = self.block_size
-        freed = self._thresh - new_thresh
-        self._mmap.madvise(mmap.MADV_REMOVE, new_thresh * bs, freed * bs)
-        self._thresh = new_thresh
+        self._mmap.madvise(mmap.MADV_REMOVE, thresh * bs, freed * bs)
         self.reclaimed_blocks += freed
         return freed
 

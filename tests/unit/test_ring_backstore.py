@@ -4,13 +4,10 @@ no stale bytes reach a handler or an initiator; the data area allocator; the han
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mmap
 import os
 import random
-from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -31,41 +28,14 @@ from sgtarget.ring.backstore import (
     pop_ring_options,
 )
 from sgtarget.ring.dataarea import DataArea
+from tests.unit.ring_support import SIZE, KiB, MiB, make_image, ring_lun, run
 
-T = TypeVar("T")
-KiB = 1024
-MiB = 1024 * KiB
-SIZE = 4 * MiB
 QUIRKY = "tests.unit.ring_b2_handlers:QuirkyFileHandler"
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "lun.img"
-    with path.open("wb") as f:
-        f.truncate(SIZE)
-    return path
-
-
-@contextlib.asynccontextmanager
-async def ring_lun(
-    pool: Pool,
-    image: Path,
-    mode: str,
-    *,
-    handler: str = "file",
-    **params: str,
-) -> AsyncIterator[RingBackstore]:
-    bs = RingBackstore(handler, {"path": str(image), **params}, SIZE, RingOptions(mode=mode))
-    await bs.start(pool)
-    try:
-        yield bs
-    finally:
-        await bs.aclose()
+    return make_image(tmp_path)
 
 
 def pattern(n: int, seed: int) -> bytes:

@@ -8,9 +8,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -19,45 +18,22 @@ from sgtarget.datapath import Pool
 from sgtarget.ring import supervisor as supervisor_mod
 from sgtarget.ring.backstore import MODES, RingBackstore, RingOptions
 from sgtarget.ring.supervisor import Supervisor
+from tests.unit import ring_support as support
+from tests.unit.ring_support import SIZE, KiB, MiB, make_image, run
 
-T = TypeVar("T")
-KiB = 1024
-MiB = 1024 * KiB
-SIZE = 4 * MiB
 QUIRKY = "tests.unit.ring_b2_handlers:QuirkyFileHandler"
 FAILING = "tests.unit.ring_b2_handlers:FailingOpenHandler"
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 90))
-
-
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "lun.img"
-    with path.open("wb") as f:
-        f.truncate(SIZE)
-    return path
+    return make_image(tmp_path)
 
 
-@contextlib.asynccontextmanager
-async def ring_lun(
-    pool: Pool,
-    image: Path,
-    mode: str = "copy",
-    *,
-    handler: str = QUIRKY,
-    handlers: int = 1,
-    timeout: float | None = None,
-    **params: str,
-) -> AsyncIterator[RingBackstore]:
-    options = RingOptions(mode=mode, handlers=handlers, timeout=timeout)
-    bs = RingBackstore(handler, {"path": str(image), **params}, SIZE, options)
-    await bs.start(pool)
-    try:
-        yield bs
-    finally:
-        await bs.aclose()
+def ring_lun(
+    pool: Pool, image: Path, mode: str = "copy", *, handler: str = QUIRKY, **kw: Any
+) -> contextlib.AbstractAsyncContextManager[RingBackstore]:
+    return support.ring_lun(pool, image, mode, handler=handler, **kw)
 
 
 def sup_of(bs: RingBackstore) -> Supervisor:

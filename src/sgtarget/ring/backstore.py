@@ -725,36 +725,28 @@ class RingIO:
         self._bs = backstore
 
     async def readv(self, offset: int, bufs: Buffers) -> int:
-        bs_ = self._bs
-        views = [_bytes(b) for b in bufs]
-        total = sum(len(v) for v in views)
-        bs_._range("read", offset, total)
-        bs = bs_.block_size
-        pos = offset
-        for chunk in _chunks(views, MAX_CMD_BYTES):
-            n = sum(len(v) for v in chunk)
-            if not n:
-                continue
-            cdb = _RW16.pack(READ_16, 0, pos // bs, n // bs, 0, 0)
-            got = await bs_.command(cdb, chunk, read=True)
-            if got < n:
-                _zero_from(chunk, got)  # never leave stale bytes (the mode zeroed already)
-            pos += n
-        return total
+        return await self._transfer(READ_16, offset, bufs)
 
     async def writev(self, offset: int, bufs: Buffers) -> int:
+        return await self._transfer(WRITE_16, offset, bufs)
+
+    async def _transfer(self, op: int, offset: int, bufs: Buffers) -> int:
+        """READ(16)s or WRITE(16)s of at most ``MAX_CMD_BYTES`` each, one after another."""
         bs_ = self._bs
+        read = op == READ_16
         views = [_bytes(b) for b in bufs]
         total = sum(len(v) for v in views)
-        bs_._range("write", offset, total)
+        bs_._range("read" if read else "write", offset, total)
         bs = bs_.block_size
         pos = offset
         for chunk in _chunks(views, MAX_CMD_BYTES):
             n = sum(len(v) for v in chunk)
             if not n:
                 continue
-            cdb = _RW16.pack(WRITE_16, 0, pos // bs, n // bs, 0, 0)
-            await bs_.command(cdb, chunk, read=False)
+            cdb = _RW16.pack(op, 0, pos // bs, n // bs, 0, 0)
+            got = await bs_.command(cdb, chunk, read=read)
+            if read and got < n:
+                _zero_from(chunk, got)  # never leave stale bytes (the mode zeroed already)
             pos += n
         return total
 

@@ -110,7 +110,11 @@ def cdb_for(spec: CommandSpec) -> bytes:
     """The shortest valid-looking CDB of ``spec``: opcode, service action, zeros."""
     cdb = bytearray(spec.cdb_len)
     cdb[0] = spec.opcode
-    if spec.service_action is not None:
+    if spec.opcode == 0x7F:  # 32-byte CDBs: additional length, 16-bit service action at 8
+        assert spec.service_action is not None
+        cdb[7] = 0x18
+        cdb[8:10] = spec.service_action.to_bytes(2, "big")
+    elif spec.service_action is not None:
         cdb[1] = spec.service_action
     return bytes(cdb)
 

@@ -18,6 +18,12 @@ RW10 = struct.Struct(">BBIBHB")
 RW12 = struct.Struct(">BBIIBB")
 #: 16-byte: opcode, flags, LBA(8), length(4), group, control.
 RW16 = struct.Struct(">BBQIBB")
+#: 32-byte (opcode 7Fh): group at 6, service action at 8, flags at 10, LBA(8) at 12, expected
+#: tags at 20..27 (scsi/protection.py), length(4) at 28.
+_RW32_GROUP = 6
+_RW32_FLAGS = 10
+_RW32_LBA = struct.Struct(">Q")
+_RW32_LENGTH = 28
 #: 6-byte allocation length (INQUIRY: 16 bits at 3..4; others 8 bits at 4).
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -30,7 +36,7 @@ class BlockCdb:
     lba: int
     #: Transfer (or verification, or number of) logical blocks.
     length: int
-    #: Byte 1 of the CDB: PROTECT(7-5) DPO(4) FUA(3) / BYTCHK(2-1) ...
+    #: Byte 1 of the CDB (byte 10 of a 32-byte one): PROTECT(7-5) DPO(4) FUA(3) / BYTCHK(2-1)
     flags: int
     group: int
 
@@ -58,7 +64,7 @@ class BlockCdb:
 
 
 def decode_block(cdb: bytes) -> BlockCdb:
-    """Decode a 6/10/12/16-byte LBA CDB; the size class comes from the opcode's group code."""
+    """Decode a 6/10/12/16/32-byte LBA CDB; the size class comes from the opcode's group code."""
     group_code = cdb[0] >> 5
     if group_code == 0:
         lba = _RW6.unpack_from(cdb)[0] & 0x1FFFFF
@@ -73,6 +79,11 @@ def decode_block(cdb: bytes) -> BlockCdb:
     if group_code == 4:
         _op, flags, lba, length, group, _ctl = RW16.unpack_from(cdb)
         return BlockCdb(lba, length, flags, group & 0x3F)
+    if cdb[0] == 0x7F:
+        # READ/WRITE/VERIFY/WRITE AND VERIFY/WRITE SAME(32): byte 10 has byte 1's layout.
+        lba = _RW32_LBA.unpack_from(cdb, 12)[0]
+        length = _U32.unpack_from(cdb, _RW32_LENGTH)[0]
+        return BlockCdb(lba, length, cdb[_RW32_FLAGS], cdb[_RW32_GROUP] & 0x1F)
     raise ValueError(f"opcode {cdb[0]:#04x} has no LBA layout")
 
 

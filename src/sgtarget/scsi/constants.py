@@ -8,6 +8,7 @@ import enum
 class Opcode(enum.IntEnum):
     TEST_UNIT_READY = 0x00
     REQUEST_SENSE = 0x03
+    FORMAT_UNIT = 0x04
     READ_6 = 0x08
     WRITE_6 = 0x0A
     INQUIRY = 0x12
@@ -26,6 +27,7 @@ class Opcode(enum.IntEnum):
     SYNCHRONIZE_CACHE_10 = 0x35
     READ_DEFECT_DATA_10 = 0x37
     WRITE_SAME_10 = 0x41
+    VARIABLE_LENGTH = 0x7F
     UNMAP = 0x42
     SANITIZE = 0x48
     RESERVE_10 = 0x56
@@ -59,6 +61,16 @@ class Opcode(enum.IntEnum):
 class ServiceActionIn16(enum.IntEnum):
     READ_CAPACITY_16 = 0x10
     GET_LBA_STATUS = 0x12
+
+
+class VariableLength(enum.IntEnum):
+    """Service actions of the 32-byte CDBs (opcode 7Fh, bytes 8..9)."""
+
+    READ_32 = 0x0009
+    VERIFY_32 = 0x000A
+    WRITE_32 = 0x000B
+    WRITE_AND_VERIFY_32 = 0x000C
+    WRITE_SAME_32 = 0x000D
 
 
 class MaintenanceIn(enum.IntEnum):
@@ -138,6 +150,12 @@ class Asc(enum.IntEnum):
     MODE_PARAMETERS_CHANGED = 0x2A01
     INTERNAL_TARGET_FAILURE = 0x4400
     INVALID_FIELD_IN_INFORMATION_UNIT = 0x0E03
+    #: Protection information checks (ABORTED COMMAND), FORMAT UNIT.
+    LOGICAL_BLOCK_GUARD_CHECK_FAILED = 0x1001
+    LOGICAL_BLOCK_APPLICATION_TAG_CHECK_FAILED = 0x1002
+    LOGICAL_BLOCK_REFERENCE_TAG_CHECK_FAILED = 0x1003
+    FORMAT_COMMAND_FAILED = 0x3101
+    CAPACITY_DATA_HAS_CHANGED = 0x2A09
 
     @property
     def asc(self) -> int:

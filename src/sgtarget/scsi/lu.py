@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError
-from sgtarget.datapath import PoolExhausted, ScatterList, bounce
+from sgtarget.datapath import PoolExhausted, ScatterList, bounce, dif
 from sgtarget.scsi.cdb import (
     BlockCdb,
     decode_block,
@@ -43,12 +43,21 @@ from sgtarget.scsi.constants import (
     SenseKey,
     ServiceActionIn16,
     Status,
+    VariableLength,
     VersionDescriptor,
     VpdPage,
     io_window,
 )
 from sgtarget.scsi.lun import encode_lun
 from sgtarget.scsi.modeselect import check_cdb, decode_mode_select, parse_mode_select
+from sgtarget.scsi.protection import (
+    PiCheck,
+    cmd_format_unit,
+    decode_tags32,
+    default_check,
+    pi_failure,
+    protect_check,
+)
 from sgtarget.scsi.provisioning import (
     cmd_get_lba_status,
     cmd_unmap,
@@ -167,6 +176,17 @@ class CommandSpec:
     writes: bool = False
     #: Reads or needs the medium: NOT READY, MEDIUM NOT PRESENT while it is ejected.
     medium: bool = False
+    #: Byte of the RDPROTECT/WRPROTECT/VRPROTECT field (bits 7..5) of commands that take
+    #: protection information: RSOC shows it in the usage data of PI-capable LUs.
+    protect_byte: int | None = None
+
+    def usage_for(self, lu: LogicalUnit) -> bytes:
+        """CDB usage data as ``lu`` supports the command (with or without protect fields)."""
+        if self.protect_byte is None or lu.protection is None:
+            return self.usage
+        usage = bytearray(self.usage)
+        usage[self.protect_byte] |= 0xE0
+        return bytes(usage)
 
     def supported_by(self, lu: LogicalUnit) -> bool:
         return self.supported is None or self.supported(lu)
@@ -203,6 +223,13 @@ class OpcodeTable:
     def lookup(self, cdb: bytes) -> CommandSpec:
         """The entry for ``cdb`` or the CHECK CONDITION an unsupported command gets."""
         opcode = cdb[0]
+        if opcode == Opcode.VARIABLE_LENGTH:
+            # 32-byte CDBs: a 16-bit service action in bytes 8..9 (SPC-5 4.2.3).
+            sa = int.from_bytes(cdb[8:10], "big") if len(cdb) >= 10 else None
+            spec = self._by_key.get((opcode, sa))
+            if spec is None:
+                raise CheckCondition.invalid_field(8)
+            return spec
         if opcode in self._sa_opcodes:
             spec = self._by_key.get((opcode, cdb[1] & 0x1F)) if len(cdb) > 1 else None
             if spec is None:
@@ -426,6 +453,12 @@ class LogicalUnit:
             state = self._nexuses[key] = _NexusState(Asc.POWER_ON_RESET)
         return state
 
+    def capacity_changed(self, key: str) -> None:
+        """READ CAPACITY data changed (FORMAT UNIT): every other nexus is told."""
+        for other in list(self._nexuses):
+            if other != key:
+                self.queue_ua(other, Asc.CAPACITY_DATA_HAS_CHANGED)
+
     def take_ua(self, key: str) -> Asc | None:
         pending = self._nexus(key).pending
         return pending.pop(0) if pending else None
@@ -460,9 +493,10 @@ class LogicalUnit:
                 raise CheckCondition.illegal(Asc.INVALID_COMMAND_OPERATION_CODE)
             if len(cdb) < spec.cdb_len:
                 raise CheckCondition.illegal(Asc.INVALID_FIELD_IN_CDB)
-            if cdb[spec.cdb_len - 1] & 0x04:
+            control = 1 if cdb[0] == Opcode.VARIABLE_LENGTH else spec.cdb_len - 1
+            if cdb[control] & 0x04:
                 # NACA=1 asks for ACA, which we do not implement (SAM-5 5.3.2).
-                raise CheckCondition.invalid_field(spec.cdb_len - 1, 2)
+                raise CheckCondition.invalid_field(control, 2)
             if self.reservations.conflicts(cdb, key):
                 task.status = Status.RESERVATION_CONFLICT
                 return
@@ -513,7 +547,7 @@ class LogicalUnit:
     @staticmethod
     def _length_byte(cdb: bytes) -> int:
         """Byte offset of the TRANSFER LENGTH field of an LBA CDB (for the field pointer)."""
-        return {0: 4, 1: 7, 2: 7, 4: 10, 5: 6}[cdb[0] >> 5]
+        return {0: 4, 1: 7, 2: 7, 3: 28, 4: 10, 5: 6}[cdb[0] >> 5]
 
     async def _flush(self) -> None:
         try:
@@ -534,8 +568,21 @@ class LogicalUnit:
     # pool without waiting. Both count each I/O as zero-copy or bounced in the pool's stats.
 
     async def _read_into(
-        self, sg: ScatterList, offset: int, n: int, channel: DataChannel | None = None
+        self,
+        sg: ScatterList,
+        offset: int,
+        n: int,
+        channel: DataChannel | None = None,
+        *,
+        check: PiCheck | None = None,
+        check_pi: bool = True,
     ) -> None:
+        """Fill ``sg[0:n]`` from the medium at byte ``offset``.
+
+        On a PI-formatted LU the blocks' tuples are checked too (``check``: the command's
+        checks; default those of a protect field of 0), so every reader (VERIFY, COMPARE AND
+        WRITE, EXTENDED COPY ...) sees a failed check as ABORTED COMMAND.
+        """
         bs = self.backstore
         try:
             await bounce.read_into(
@@ -546,21 +593,105 @@ class LogicalUnit:
                 limits=bs.limits,
                 alloc=channel.alloc if channel is not None else None,
             )
-            return
         except BackstoreBusy:
             raise
         except BackstoreError as exc:
             log.warning(
                 "read of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
             )
-        raise CheckCondition.of(
-            SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR, information=offset // self.block_size
-        )
+            error = True
+        else:
+            error = False
+        if error:
+            raise CheckCondition.of(
+                SenseKey.MEDIUM_ERROR,
+                Asc.UNRECOVERED_READ_ERROR,
+                information=offset // self.block_size,
+            )
+        if check_pi and self.pi_type and n:
+            await self._check_medium_pi(sg, offset, n, check)
+
+    async def _check_medium_pi(
+        self, sg: ScatterList, offset: int, n: int, check: PiCheck | None
+    ) -> None:
+        """Check the tuples of the whole blocks in ``sg[0:n]`` (read from byte ``offset``)."""
+        bs = self.block_size
+        first = -(-offset // bs)
+        end = (offset + n) // bs
+        if end <= first:
+            return
+        if check is None:
+            check = default_check(self.pi_type, first)
+        if not (check.guard or check.app or check.ref):
+            return
+        pi = await self._read_pi(first, end - first)
+        data = sg.views(first * bs - offset, (end - first) * bs)
+        error = check.verify(data, pi, bs, first - check.lba)
+        if error is not None:
+            raise pi_failure(error, first)
+
+    async def _read_pi(self, lba: int, nblocks: int) -> bytearray:
+        """The stored tuples of ``nblocks`` from ``lba``."""
+        pi = bytearray(nblocks * dif.TUPLE_SIZE)
+        await self._pi_io("read", lba, [memoryview(pi)])
+        return pi
+
+    async def _pi_io(self, op: str, lba: int, bufs: list[memoryview]) -> None:
+        store = self.protection
+        assert store is not None
+        call = store.read if op == "read" else store.write
+        try:
+            await self._run_pi(call, lba, bufs)
+            return
+        except BackstoreBusy:
+            raise
+        except BackstoreError as exc:
+            log.warning("PI %s at block %d failed on %s: %s", op, lba, self.identity, str(exc))
+        asc = Asc.UNRECOVERED_READ_ERROR if op == "read" else Asc.WRITE_ERROR
+        raise CheckCondition.of(SenseKey.MEDIUM_ERROR, asc, information=lba)
+
+    async def _discard_pi(self, offset: int, length: int) -> None:
+        """Deallocated blocks get escape tuples (read back unchecked, as never written)."""
+        store = self.protection
+        if store is None or not store.ptype:
+            return
+        bs = self.block_size
+        try:
+            await self._run_pi(store.discard, offset // bs, length // bs)
+            return
+        except BackstoreBusy:
+            raise
+        except BackstoreError as exc:
+            log.warning("PI discard at %d failed on %s: %s", offset, self.identity, str(exc))
+        raise CheckCondition.of(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // bs)
 
     async def _write_from(
-        self, sg: ScatterList, offset: int, n: int, channel: DataChannel | None = None
+        self,
+        sg: ScatterList,
+        offset: int,
+        n: int,
+        channel: DataChannel | None = None,
+        *,
+        pi: dif.Buffer | None = None,
+        ref_tag: int | None = None,
     ) -> None:
+        """Store ``sg[0:n]`` at byte ``offset``.
+
+        On a PI-formatted LU the blocks' tuples go to the protection store after the data:
+        ``pi`` if given (received with the data, already checked), else generated here with
+        application tag 0 and reference tag ``ref_tag`` (default: the LBA) for the first block,
+        so every writer (WRITE SAME, EXTENDED COPY, SANITIZE ...) keeps data and PI in step.
+        """
         bs = self.backstore
+        tuples: dif.Buffer | None = None
+        lba = offset // self.block_size
+        if self.pi_type and n:
+            if offset % self.block_size or n % self.block_size:
+                raise ValueError(f"write of {n} bytes at {offset} is not whole blocks")
+            if pi is None:
+                ref = lba if ref_tag is None else ref_tag
+                pi = dif.generate(sg.views(0, n), self.block_size, ref_tag=ref & 0xFFFFFFFF)
+            tuples = pi
         try:
             await bounce.write_from(
                 self.io.writev,
@@ -572,16 +703,79 @@ class LogicalUnit:
                 alloc=channel.alloc if channel is not None else None,
                 order=bounce.write_order(bs) if bs.limits is not None else None,
             )
-            return
         except BackstoreBusy:
             raise
         except BackstoreError as exc:
             log.warning(
                 "write of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
             )
-        raise CheckCondition.of(
-            SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
-        )
+            error = True
+        else:
+            error = False
+        if error:
+            raise CheckCondition.of(
+                SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
+            )
+        if tuples is not None:
+            await self._pi_io("write", lba, [memoryview(tuples)])
+
+    async def _read_views(
+        self, views: list[memoryview], offset: int, n: int, channel: DataChannel
+    ) -> None:
+        """Fill ``views`` (pieces of a wire list: data between tuples) from byte ``offset``.
+
+        Straight into them when the backstore takes any buffers; else through a bounce from
+        the pool (O_DIRECT alignment: the pieces sit between 8-byte tuples), copied back.
+        """
+        if self.backstore.limits is None:
+            try:
+                await self.io.readv(offset, views)
+                return
+            except BackstoreBusy:
+                raise
+            except BackstoreError as exc:
+                log.warning("read at %d failed on %s: %s", offset, self.identity, str(exc))
+            raise CheckCondition.of(
+                SenseKey.MEDIUM_ERROR,
+                Asc.UNRECOVERED_READ_ERROR,
+                information=offset // self.block_size,
+            )
+        tmp = await channel.alloc(n)
+        try:
+            await self._read_into(tmp, offset, n, channel, check_pi=False)
+            dif.scatter(tmp.views(0, n), views)
+        finally:
+            tmp.release()
+
+    async def _write_views(
+        self, views: list[memoryview], offset: int, n: int, channel: DataChannel, pi: bytes
+    ) -> None:
+        """Store ``views`` (data pieces of a wire list) and their tuples ``pi``."""
+        if self.backstore.limits is None:
+            try:
+                await self.io.writev(offset, views)
+            except BackstoreBusy:
+                raise
+            except BackstoreError as exc:
+                log.warning("write at %d failed on %s: %s", offset, self.identity, str(exc))
+                error = True
+            else:
+                error = False
+            if error:
+                raise CheckCondition.of(
+                    SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
+                )
+            await self._pi_io("write", offset // self.block_size, [memoryview(pi)])
+            return
+        # A consumer with limits (O_DIRECT): gather the pieces into pool blocks (counted).
+        tmp = await channel.alloc(n)
+        try:
+            pos = 0
+            for view in views:
+                pos += tmp.copy_in(view, pos, reason="pi-split-bounce")
+            await self._write_from(tmp, offset, n, channel, pi=pi)
+        finally:
+            tmp.release()
 
     # ---- SPC commands ------------------------------------------------------------------------
 
@@ -807,7 +1001,7 @@ class LogicalUnit:
                 data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
             else:
                 support = 0x03 | (0x80 if rs.rctd else 0)
-                data = bytes((0, support)) + _U16.pack(spec.cdb_len) + spec.usage
+                data = bytes((0, support)) + _U16.pack(spec.cdb_len) + spec.usage_for(self)
                 if rs.rctd:
                     data += _rsoc_timeouts(spec)
         else:
@@ -922,7 +1116,8 @@ class LogicalUnit:
         """
         task, cdb = cmd.task, cmd.cdb
         if cdb[1] & 0xE0:
-            raise CheckCondition.invalid_field(1, 7)  # WRPROTECT: no protection information
+            # WRPROTECT: not with PI (a PI LU generates and checks tuples as for protect 0).
+            raise CheckCondition.invalid_field(1, 7)
         lba = int.from_bytes(cdb[2:10], "big")
         nblocks = cdb[13]
         bs = self.block_size
@@ -971,18 +1166,34 @@ class LogicalUnit:
         self._check_range(blk.lba, blk.length or (self.num_blocks - blk.lba))
         await self._flush()
 
+    def _protect(self, cmd: Cmd, blk: BlockCdb) -> PiCheck | None:
+        """The command's protection checks (``protection.protect_check``); ``None`` without PI."""
+        cdb = cmd.cdb
+        field = (10, 7) if cdb[0] == Opcode.VARIABLE_LENGTH else (1, 7)
+        return protect_check(self.pi_type, blk.protect, blk.lba, decode_tags32(cdb), field)
+
+    def _unit(self, check: PiCheck | None) -> int:
+        """Bytes per block on the wire: the block, and its tuple when PI is transferred."""
+        if check is not None and check.transfer:
+            return self.block_size + dif.TUPLE_SIZE
+        return self.block_size
+
     async def _cmd_read(self, cmd: Cmd) -> None:
         task = cmd.task
         blk = decode_block(cmd.cdb)
         bs = self.block_size
-        total = blk.length * bs
+        check = self._protect(cmd, blk)
+        unit = self._unit(check)
+        total = blk.length * unit
         task.transfer_length = total
-        if blk.protect:
-            raise CheckCondition.invalid_field(1, 7)
         self._check_range(blk.lba, blk.length)
         self._check_length(blk.length, self._length_byte(cmd.cdb))
         # The transport clips Data-In to EDTL, so reading past it is wasted work.
-        limit = min(total, _round_up(task.expected_length, bs))
+        limit = min(total, _round_up(task.expected_length, unit))
+        if unit != bs:
+            assert check is not None
+            await self._read_with_pi(cmd, blk.lba, limit // unit, check)
+            return
         base = blk.lba * bs
         off = 0
         while off < limit:
@@ -996,7 +1207,7 @@ class LogicalUnit:
                 if held is None:
                     held = await ranges.acquire(base + off, base + off + n)
                 if not cmd.aborted():
-                    await self._read_into(sg, base + off, n, cmd.channel)
+                    await self._read_into(sg, base + off, n, cmd.channel, check=check)
             except BaseException:
                 sg.release()
                 raise
@@ -1009,6 +1220,49 @@ class LogicalUnit:
             off += n
             # send() owns sg from here on.
             await cmd.channel.send(sg, off - n, n, last=off >= limit)
+            if cmd.aborted():
+                return
+
+    async def _read_with_pi(self, cmd: Cmd, lba: int, nblocks: int, check: PiCheck) -> None:
+        """READ with RDPROTECT != 0: every block followed by its tuple on the wire.
+
+        Each window is one pool list in the wire layout: ``dif.split`` gives its data pieces,
+        which the backstore fills in place, and its tuple slots, filled from the store after
+        the checks (no copy of the data).
+        """
+        bs = self.block_size
+        unit = bs + dif.TUPLE_SIZE
+        per = max(1, IO_WINDOW // bs)
+        done = 0
+        while done < nblocks:
+            sg = await cmd.channel.alloc(min(per, nblocks - done) * unit, partial=True)
+            k = sg.length // unit
+            if k == 0:  # a pool shorter than one block and tuple: wait for a whole unit
+                sg.release()
+                sg = await cmd.channel.alloc(unit)
+                k = 1
+            start = lba + done
+            try:
+                async with self.ranges.hold(start * bs, (start + k) * bs, exclusive=False):
+                    if cmd.aborted():
+                        sg.release()
+                        return
+                    data, slots = dif.split(sg.views(0, k * unit), bs)
+                    await self._read_views(data, start * bs, k * bs, cmd.channel)
+                    pi = await self._read_pi(start, k)
+                error = check.verify(data, pi, bs, done)
+                if error is not None:
+                    raise pi_failure(error, start)
+                dif.scatter([pi], slots)
+                del data, slots
+            except BaseException:
+                sg.release()
+                raise
+            if cmd.aborted():
+                sg.release()
+                return
+            done += k
+            await cmd.channel.send(sg, (done - k) * unit, k * unit, last=done >= nblocks)
             if cmd.aborted():
                 return
 
@@ -1043,6 +1297,26 @@ class LogicalUnit:
             sg.release()
             raise
 
+    async def _receive_units(self, cmd: Cmd, off: int, n: int, unit: int) -> ScatterList | None:
+        """Like ``_receive(partial=True)``, topped up to whole ``unit``s (blocks, or blocks and
+        their tuples): PI is generated or checked per block, never for part of one."""
+        sg = await self._receive(cmd, off, n, partial=True)
+        if sg is None:
+            return None
+        rest = sg.length % unit
+        if rest:
+            try:
+                more = await self._receive(cmd, off + sg.length, unit - rest)
+            except BaseException:
+                sg.release()
+                raise
+            if more is None:
+                sg.release()
+                return None
+            sg.extend(more)
+            more.release()
+        return sg
+
     async def _receive_bytes(self, cmd: Cmd, n: int) -> bytes | None:
         """A small Data-Out buffer (one block, a parameter list) as bytes; None if aborted."""
         sg = await self._receive(cmd, 0, n)
@@ -1053,14 +1327,22 @@ class LogicalUnit:
         finally:
             sg.release()
 
-    async def _write_blocks(self, cmd: Cmd, lba: int, nblocks: int) -> bool:
+    async def _write_blocks(
+        self, cmd: Cmd, lba: int, nblocks: int, check: PiCheck | None = None
+    ) -> bool:
         """Receive ``nblocks`` of Data-Out and store them at ``lba``; False if aborted."""
+        if check is not None and check.transfer:
+            return await self._write_with_pi(cmd, lba, nblocks, check)
         bs = self.block_size
         total = nblocks * bs
         base = lba * bs
         off = 0
         while off < total:
-            sg = await self._receive(cmd, off, min(IO_WINDOW, total - off), partial=True)
+            want = min(IO_WINDOW, total - off)
+            if self.pi_type:
+                sg = await self._receive_units(cmd, off, want, bs)
+            else:
+                sg = await self._receive(cmd, off, want, partial=True)
             if sg is None:
                 return False
             n = sg.length
@@ -1070,7 +1352,9 @@ class LogicalUnit:
             try:
                 if held is None:
                     held = await ranges.acquire(base + off, base + off + n)
-                await self._write_from(sg, base + off, n, cmd.channel)
+                # Generated PI: the reference tag the command's checks would expect.
+                ref = check.ref_at(off // bs) if check is not None else None
+                await self._write_from(sg, base + off, n, cmd.channel, ref_tag=ref)
             finally:
                 if held is not None:
                     ranges.release(held)
@@ -1080,75 +1364,152 @@ class LogicalUnit:
             off += n
         return True
 
+    async def _write_with_pi(self, cmd: Cmd, lba: int, nblocks: int, check: PiCheck) -> bool:
+        """WRITE with WRPROTECT != 0: blocks interleaved with their tuples on the wire.
+
+        Every tuple of the command is checked before anything is written, so a failed check
+        leaves the medium as it was; that holds the command's whole Data-Out (at most
+        ``MAX_TRANSFER_BYTES`` and its tuples) in pool blocks. ``dif.split`` references the
+        received blocks in place: the data pieces go to the backstore as they are.
+        """
+        bs = self.block_size
+        unit = bs + dif.TUPLE_SIZE
+        per = max(1, IO_WINDOW // bs)
+        windows: list[ScatterList] = []
+        try:
+            done = 0
+            while done < nblocks:
+                sg = await self._receive_units(
+                    cmd, done * unit, min(per, nblocks - done) * unit, unit
+                )
+                if sg is None:
+                    return False
+                windows.append(sg)
+                k = sg.length // unit
+                data, pi = dif.split(sg.views(0, k * unit), bs)
+                error = check.verify(data, pi, bs, done)
+                del data, pi
+                if error is not None:
+                    raise pi_failure(error, lba + done)
+                done += k
+            done = 0
+            for sg in windows:
+                k = sg.length // unit
+                start = lba + done
+                data, pi = dif.split(sg.views(0, k * unit), bs)
+                tuples = b"".join(pi)
+                del pi
+                async with self.ranges.hold(start * bs, (start + k) * bs, exclusive=False):
+                    await self._write_views(data, start * bs, k * bs, cmd.channel, tuples)
+                del data
+                if cmd.aborted():
+                    return False
+                done += k
+        finally:
+            for sg in windows:
+                sg.release()
+        return True
+
     async def _cmd_write(self, cmd: Cmd) -> None:
         task = cmd.task
         blk = decode_block(cmd.cdb)
-        task.transfer_length = blk.length * self.block_size
-        if blk.protect:
-            raise CheckCondition.invalid_field(1, 7)
+        check = self._protect(cmd, blk)
+        unit = self._unit(check)
+        task.transfer_length = blk.length * unit
         self._check_range(blk.lba, blk.length)
         self._check_length(blk.length, self._length_byte(cmd.cdb))
-        nblocks = self._blocks_within_edtl(task, blk.length)
-        if await self._write_blocks(cmd, blk.lba, nblocks) and blk.fua and nblocks:
+        nblocks = self._blocks_within_edtl(task, blk.length, unit)
+        if await self._write_blocks(cmd, blk.lba, nblocks, check) and blk.fua and nblocks:
             await self._flush()
 
-    def _blocks_within_edtl(self, task: Task, nblocks: int) -> int:
+    def _blocks_within_edtl(self, task: Task, nblocks: int, unit: int | None = None) -> int:
         """How many blocks a write processes when EDTL may be shorter than the CDB (overflow).
 
         FCP-4 option a (which libiscsi 1.19 requires): process the command but write only the
         whole blocks the initiator sends. An EDTL that ends inside a block cannot be honoured
         exactly, so that case takes option b: CHECK CONDITION, INVALID FIELD IN INFORMATION
-        UNIT, nothing transferred.
+        UNIT, nothing transferred. ``unit``: bytes per block on the wire (with its tuple).
         """
+        unit = unit or self.block_size
         edtl = task.expected_length
-        if edtl >= nblocks * self.block_size:
+        if edtl >= nblocks * unit:
             return nblocks
-        if edtl % self.block_size:
+        if edtl % unit:
             raise CheckCondition(_BAD_IU)
-        return edtl // self.block_size
+        return edtl // unit
 
     async def _cmd_write_and_verify(self, cmd: Cmd) -> None:
         task = cmd.task
         blk = decode_block(cmd.cdb)
-        task.transfer_length = blk.length * self.block_size
-        if blk.protect:
-            raise CheckCondition.invalid_field(1, 7)
+        check = self._protect(cmd, blk)
+        unit = self._unit(check)
+        task.transfer_length = blk.length * unit
         if blk.bytchk > 1:
-            raise CheckCondition.invalid_field(1, 2)
+            raise CheckCondition.invalid_field(self._flags_byte(cmd.cdb), 2)
         self._check_range(blk.lba, blk.length)
         self._check_length(blk.length, self._length_byte(cmd.cdb))
-        nblocks = self._blocks_within_edtl(task, blk.length)
+        nblocks = self._blocks_within_edtl(task, blk.length, unit)
         # The data just written is what the medium holds, so verification cannot fail; flush
         # so it is the medium and not a cache that holds it.
-        if await self._write_blocks(cmd, blk.lba, nblocks) and nblocks:
+        if await self._write_blocks(cmd, blk.lba, nblocks, check) and nblocks:
             await self._flush()
+
+    @staticmethod
+    def _flags_byte(cdb: bytes) -> int:
+        """Where byte 1's flags (protect, DPO, FUA, BYTCHK) are: byte 10 of a 32-byte CDB."""
+        return 10 if cdb[0] == Opcode.VARIABLE_LENGTH else 1
 
     async def _cmd_verify(self, cmd: Cmd) -> None:
         task = cmd.task
         blk = decode_block(cmd.cdb)
-        bs = self.block_size
         bytchk = blk.bytchk
+        check = self._protect(cmd, blk)
+        unit = self._unit(check)
         if bytchk == 1:
-            task.transfer_length = blk.length * bs
+            task.transfer_length = blk.length * unit
         elif bytchk == 3:
-            task.transfer_length = bs if blk.length else 0
-        if blk.protect:
-            raise CheckCondition.invalid_field(1, 7)
+            task.transfer_length = unit if blk.length else 0
         if bytchk == 2:
-            raise CheckCondition.invalid_field(1, 2)
+            raise CheckCondition.invalid_field(self._flags_byte(cmd.cdb), 2)
         self._check_range(blk.lba, blk.length)
         if bytchk == 1:
             self._check_length(blk.length, self._length_byte(cmd.cdb))
-        if bytchk == 0 or blk.length == 0:
+        if blk.length == 0:
+            return
+        if bytchk == 0:
+            if check is not None:
+                await self._verify_medium(cmd, blk, check)
             return
         if task.expected_length < task.transfer_length:
             raise CheckCondition(_BAD_IU)
-        if bytchk == 1:
-            await self._verify_bytes(cmd, blk)
+        if check is not None and check.transfer:
+            if bytchk == 1:
+                await self._verify_bytes_pi(cmd, blk, check)
+            else:
+                await self._verify_same_pi(cmd, blk, check)
+        elif bytchk == 1:
+            await self._verify_bytes(cmd, blk, check)
         else:
-            await self._verify_same(cmd, blk)
+            await self._verify_same(cmd, blk, check)
 
-    async def _verify_bytes(self, cmd: Cmd, blk: BlockCdb) -> None:
+    async def _verify_medium(self, cmd: Cmd, blk: BlockCdb, check: PiCheck) -> None:
+        """BYTCHK 00b on a PI-formatted LU: read the range and check its tuples."""
+        bs = self.block_size
+        total = blk.length * bs
+        base = blk.lba * bs
+        off = 0
+        while off < total:
+            sg = await cmd.channel.alloc(min(io_window(bs), total - off), partial=True)
+            try:
+                n = sg.length - sg.length % bs
+                if n == 0 or cmd.aborted():
+                    return
+                await self._read_into(sg, base + off, n, cmd.channel, check=check)
+            finally:
+                sg.release()
+            off += n
+
+    async def _verify_bytes(self, cmd: Cmd, blk: BlockCdb, check: PiCheck | None = None) -> None:
         """BYTCHK 01b: compare the Data-Out buffer with the medium."""
         bs = self.block_size
         total = blk.length * bs
@@ -1156,8 +1517,12 @@ class LogicalUnit:
         off = 0
         while off < total:
             # Both sides in whatever windows the pool allows: a short pool slows the compare
-            # down instead of failing it.
-            sent = await self._receive(cmd, off, min(IO_WINDOW, total - off), partial=True)
+            # down instead of failing it. With PI, whole blocks: their tuples are checked.
+            want = min(IO_WINDOW, total - off)
+            if self.pi_type:
+                sent = await self._receive_units(cmd, off, want, bs)
+            else:
+                sent = await self._receive(cmd, off, want, partial=True)
             if sent is None:
                 return
             n = sent.length
@@ -1169,7 +1534,9 @@ class LogicalUnit:
                         if cmd.aborted():
                             return
                         m = medium.length
-                        await self._read_into(medium, base + off + pos, m, cmd.channel)
+                        if self.pi_type and m % bs:
+                            m -= m % bs  # at least one block: pool blocks hold whole ones
+                        await self._read_into(medium, base + off + pos, m, cmd.channel, check=check)
                         if cmd.aborted():
                             return
                         at = _first_difference(sent.to_bytes(pos, m), medium.to_bytes(0, m))
@@ -1186,12 +1553,18 @@ class LogicalUnit:
                 sent.release()
             off += n
 
-    async def _verify_same(self, cmd: Cmd, blk: BlockCdb) -> None:
+    async def _verify_same(self, cmd: Cmd, blk: BlockCdb, check: PiCheck | None = None) -> None:
         """BYTCHK 11b: one block was sent; every block in the range must equal it."""
         bs = self.block_size
         pattern = await self._receive_bytes(cmd, bs)
         if pattern is None:
             return
+        await self._compare_same(cmd, blk, pattern, check=check)
+
+    async def _compare_same(
+        self, cmd: Cmd, blk: BlockCdb, pattern: bytes, *, check: PiCheck | None
+    ) -> None:
+        bs = self.block_size
         total = blk.length * bs
         base = blk.lba * bs
         window = io_window(bs)
@@ -1202,7 +1575,9 @@ class LogicalUnit:
             try:
                 if cmd.aborted():
                     return
-                await self._read_into(medium, base + off, n, cmd.channel)
+                await self._read_into(
+                    medium, base + off, n, cmd.channel, check=check, check_pi=check is not None
+                )
                 if cmd.aborted():
                     return
                 data = medium.to_bytes(0, n)
@@ -1216,6 +1591,59 @@ class LogicalUnit:
                         SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, information=at
                     )
             off += n
+
+    async def _verify_bytes_pi(self, cmd: Cmd, blk: BlockCdb, check: PiCheck) -> None:
+        """BYTCHK 01b, VRPROTECT != 0: the Data-Out's tuples are checked (SBC-4 VRPROTECT
+        table), then its data is compared with the medium's. A MISCOMPARE's INFORMATION is
+        the offset into the Data-Out buffer, tuples included."""
+        bs = self.block_size
+        unit = bs + dif.TUPLE_SIZE
+        per = max(1, IO_WINDOW // bs)
+        done = 0
+        while done < blk.length:
+            sent = await self._receive_units(
+                cmd, done * unit, min(per, blk.length - done) * unit, unit
+            )
+            if sent is None:
+                return
+            try:
+                k = sent.length // unit
+                data, pi = dif.split(sent.views(0, k * unit), bs)
+                error = check.verify(data, pi, bs, done)
+                if error is not None:
+                    raise pi_failure(error, blk.lba + done)
+                wanted = b"".join(data)
+                del data, pi
+                medium = await cmd.channel.alloc(k * bs)
+                try:
+                    if cmd.aborted():
+                        return
+                    start = (blk.lba + done) * bs
+                    await self._read_into(medium, start, k * bs, cmd.channel, check_pi=False)
+                    at = _first_difference(wanted, medium.to_bytes(0, k * bs))
+                finally:
+                    medium.release()
+                if at is not None:
+                    raise CheckCondition.of(
+                        SenseKey.MISCOMPARE,
+                        Asc.MISCOMPARE_DURING_VERIFY,
+                        information=(done + at // bs) * unit + at % bs,
+                    )
+            finally:
+                sent.release()
+            done += k
+
+    async def _verify_same_pi(self, cmd: Cmd, blk: BlockCdb, check: PiCheck) -> None:
+        """BYTCHK 11b, VRPROTECT != 0: one block and its tuple sent; the tuple is checked as
+        the first block's, the data compared with every block of the range."""
+        bs = self.block_size
+        sent = await self._receive_bytes(cmd, bs + dif.TUPLE_SIZE)
+        if sent is None:
+            return
+        error = check.verify(sent[:bs], sent[bs:], bs, 0)
+        if error is not None:
+            raise pi_failure(error, blk.lba)
+        await self._compare_same(cmd, blk, sent[:bs], check=None)
 
 
 #: VPD B0 MAXIMUM COMPARE AND WRITE LENGTH (a one-byte CDB field caps it at 255).
@@ -1278,10 +1706,40 @@ _PROUT_TYPED = (
 _FF4 = (0xFF, 0xFF, 0xFF, 0xFF)
 _FF8 = _FF4 + _FF4
 
-#: The one table. CDB usage bits follow SPC-5/SBC-4; PROTECT fields are left out because we
-#: reject any non-zero value (no protection information).
+
+def _rw32(sa: int, flags: int) -> bytes:
+    """Usage data of a 32-byte CDB: group, additional length 18h, service action, byte 10's
+    flags, LBA, expected initial reference tag, expected application tag, mask, length."""
+    return _usage(0x7F, 0, 0, 0, 0, 0, 0x1F, 0x18, sa >> 8, sa & 0xFF, flags, 0, *_FF8, *_FF4,
+                  0xFF, 0xFF, 0xFF, 0xFF, *_FF4)  # fmt: skip
+
+
+def _type2(lu: LogicalUnit) -> bool:
+    # SBC-4: the 32-byte READ/WRITE/VERIFY commands exist only on a type 2 medium.
+    return lu.pi_type == 2
+
+
+_V = VariableLength
+
+#: The one table. CDB usage bits follow SPC-5/SBC-4; protect fields (``protect_byte``) show
+#: only on PI-capable LUs, the others reject any non-zero value.
 COMMANDS = OpcodeTable(
     [
+        CommandSpec(Opcode.FORMAT_UNIT, None, "FORMAT UNIT",
+                    _usage(0x04, 0xFF, 0, 0, 0, 0), cmd_format_unit, timeout=60, writes=True),
+        CommandSpec(Opcode.VARIABLE_LENGTH, _V.READ_32, "READ(32)", _rw32(_V.READ_32, 0xF8),
+                    _L._cmd_read, timeout=30, medium=True, supported=_type2),
+        CommandSpec(Opcode.VARIABLE_LENGTH, _V.VERIFY_32, "VERIFY(32)",
+                    _rw32(_V.VERIFY_32, 0xF6), _L._cmd_verify, timeout=30, medium=True,
+                    supported=_type2),
+        CommandSpec(Opcode.VARIABLE_LENGTH, _V.WRITE_32, "WRITE(32)", _rw32(_V.WRITE_32, 0xF8),
+                    _L._cmd_write, timeout=30, writes=True, supported=_type2),
+        CommandSpec(Opcode.VARIABLE_LENGTH, _V.WRITE_AND_VERIFY_32, "WRITE AND VERIFY(32)",
+                    _rw32(_V.WRITE_AND_VERIFY_32, 0xF2), _L._cmd_write_and_verify, timeout=30,
+                    writes=True, supported=_type2),
+        CommandSpec(Opcode.VARIABLE_LENGTH, _V.WRITE_SAME_32, "WRITE SAME(32)",
+                    _rw32(_V.WRITE_SAME_32, 0xE9), cmd_write_same, timeout=60, writes=True,
+                    supported=_type2),
         CommandSpec(Opcode.TEST_UNIT_READY, None, "TEST UNIT READY",
                     _usage(0x00, 0, 0, 0, 0, 0), _L._cmd_test_unit_ready, medium=True),
         CommandSpec(Opcode.REQUEST_SENSE, None, "REQUEST SENSE",
@@ -1307,16 +1765,16 @@ COMMANDS = OpcodeTable(
                     _usage(0x25, 0, *_FF4, 0, 0, 0x01, 0), _L._cmd_read_capacity_10, medium=True),
         CommandSpec(Opcode.READ_10, None, "READ(10)",
                     _usage(0x28, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_read, timeout=30,
-                    medium=True),
+                    medium=True, protect_byte=1),
         CommandSpec(Opcode.WRITE_10, None, "WRITE(10)",
                     _usage(0x2A, 0x18, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write, timeout=30,
-                    writes=True),
+                    writes=True, protect_byte=1),
         CommandSpec(Opcode.WRITE_AND_VERIFY_10, None, "WRITE AND VERIFY(10)",
                     _usage(0x2E, 0x12, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_write_and_verify,
-                    timeout=30, writes=True),
+                    timeout=30, writes=True, protect_byte=1),
         CommandSpec(Opcode.VERIFY_10, None, "VERIFY(10)",
                     _usage(0x2F, 0x16, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_verify, timeout=30,
-                    medium=True),
+                    medium=True, protect_byte=1),
         CommandSpec(Opcode.PRE_FETCH_10, None, "PRE-FETCH(10)",
                     _usage(0x34, 0x02, *_FF4, 0x3F, 0xFF, 0xFF, 0), _L._cmd_prefetch, medium=True),
         CommandSpec(Opcode.READ_DEFECT_DATA_10, None, "READ DEFECT DATA(10)",
@@ -1327,7 +1785,7 @@ COMMANDS = OpcodeTable(
                     timeout=60, medium=True),
         CommandSpec(Opcode.WRITE_SAME_10, None, "WRITE SAME(10)",
                     _usage(0x41, 0x08, *_FF4, 0x3F, 0xFF, 0xFF, 0), cmd_write_same, timeout=60,
-                    writes=True),
+                    writes=True, protect_byte=1),
         CommandSpec(Opcode.UNMAP, None, "UNMAP",
                     _usage(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), cmd_unmap, timeout=60,
                     supported=lambda lu: lu.lbpu, writes=True),
@@ -1337,10 +1795,10 @@ COMMANDS = OpcodeTable(
                     _usage(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0), _L._cmd_mode_sense),
         CommandSpec(Opcode.READ_16, None, "READ(16)",
                     _usage(0x88, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30,
-                    medium=True),
+                    medium=True, protect_byte=1),
         CommandSpec(Opcode.WRITE_16, None, "WRITE(16)",
                     _usage(0x8A, 0x18, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30,
-                    writes=True),
+                    writes=True, protect_byte=1),
         CommandSpec(Opcode.COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
                     _usage(0x89, 0x18, *_FF8, 0, 0, 0, 0xFF, 0x3F, 0),
                     _L._cmd_compare_and_write, timeout=30, writes=True),
@@ -1349,10 +1807,10 @@ COMMANDS = OpcodeTable(
                     timeout=30, writes=True),
         CommandSpec(Opcode.WRITE_AND_VERIFY_16, None, "WRITE AND VERIFY(16)",
                     _usage(0x8E, 0x12, *_FF8, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
-                    timeout=30, writes=True),
+                    timeout=30, writes=True, protect_byte=1),
         CommandSpec(Opcode.VERIFY_16, None, "VERIFY(16)",
                     _usage(0x8F, 0x16, *_FF8, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30,
-                    medium=True),
+                    medium=True, protect_byte=1),
         CommandSpec(Opcode.PRE_FETCH_16, None, "PRE-FETCH(16)",
                     _usage(0x90, 0x02, *_FF8, *_FF4, 0x3F, 0), _L._cmd_prefetch, medium=True),
         CommandSpec(Opcode.SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE(16)",
@@ -1360,7 +1818,7 @@ COMMANDS = OpcodeTable(
                     timeout=60, medium=True),
         CommandSpec(Opcode.WRITE_SAME_16, None, "WRITE SAME(16)",
                     _usage(0x93, 0x09, *_FF8, *_FF4, 0x3F, 0), cmd_write_same, timeout=60,
-                    writes=True),
+                    writes=True, protect_byte=1),
         CommandSpec(Opcode.WRITE_ATOMIC_16, None, "WRITE ATOMIC(16)",
                     _usage(0x9C, 0x18, *_FF8, *_FF4, 0x3F, 0), cmd_write_atomic,
                     timeout=30, writes=True),
@@ -1379,16 +1837,16 @@ COMMANDS = OpcodeTable(
                     _usage(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, *_FF4, 0, 0), _L._cmd_rsoc),
         CommandSpec(Opcode.READ_12, None, "READ(12)",
                     _usage(0xA8, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_read, timeout=30,
-                    medium=True),
+                    medium=True, protect_byte=1),
         CommandSpec(Opcode.WRITE_12, None, "WRITE(12)",
                     _usage(0xAA, 0x18, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write, timeout=30,
-                    writes=True),
+                    writes=True, protect_byte=1),
         CommandSpec(Opcode.WRITE_AND_VERIFY_12, None, "WRITE AND VERIFY(12)",
                     _usage(0xAE, 0x12, *_FF4, *_FF4, 0x3F, 0), _L._cmd_write_and_verify,
-                    timeout=30, writes=True),
+                    timeout=30, writes=True, protect_byte=1),
         CommandSpec(Opcode.VERIFY_12, None, "VERIFY(12)",
                     _usage(0xAF, 0x16, *_FF4, *_FF4, 0x3F, 0), _L._cmd_verify, timeout=30,
-                    medium=True),
+                    medium=True, protect_byte=1),
         CommandSpec(Opcode.READ_DEFECT_DATA_12, None, "READ DEFECT DATA(12)",
                     _usage(0xB7, 0x1F, 0, 0, 0, 0, *_FF4, 0, 0), _L._cmd_read_defect_data,
                     medium=True),

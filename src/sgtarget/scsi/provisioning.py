@@ -26,6 +26,7 @@ from sgtarget.scsi.lbastatus import (
     block_runs,
     lba_status_data,
 )
+from sgtarget.scsi.protection import PiCheck, pi_failure
 from sgtarget.scsi.sense import CheckCondition, SenseData, field_pointer
 
 if TYPE_CHECKING:
@@ -164,48 +165,68 @@ async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
 async def _discard(lu: LogicalUnit, offset: int, length: int) -> None:
     try:
         await lu.io.discard(offset, length)
-        return
     except BackstoreBusy:
         raise
     except BackstoreError as exc:
         log.warning("discard of %d bytes at %d failed on %s: %s", length, offset, lu.identity, exc)
-    raise CheckCondition.of(
-        SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // lu.block_size
-    )
+        failed = True
+    else:
+        failed = False
+    if failed:
+        raise CheckCondition.of(
+            SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // lu.block_size
+        )
+    # Deallocated blocks read back with escape tuples (never written), unchecked.
+    await lu._discard_pi(offset, length)
 
 
 # ---- WRITE SAME ------------------------------------------------------------------------------
 
 
 async def cmd_write_same(lu: LogicalUnit, cmd: Cmd) -> None:
-    """WRITE SAME(10/16): one block (or zeros with NDOB) over a range, or deallocate it."""
+    """WRITE SAME(10/16/32): one block (or zeros with NDOB) over a range, or deallocate it.
+
+    With WRPROTECT != 0 (PI-formatted LUs) the block comes with its tuple, which is checked as
+    the first block's and written to every block, its reference tag +1 per block (types 1
+    and 2; type 3's is copied as it is). With WRPROTECT 0 the tuples are generated.
+    """
     task = cmd.task
     cdb = cmd.cdb
     blk = decode_block(cdb)
-    sixteen = cdb[0] == Opcode.WRITE_SAME_16
-    ndob = sixteen and bool(cdb[1] & 0x01)
-    unmap = bool(cdb[1] & 0x08)
+    flags = blk.flags
+    at = lu._flags_byte(cdb)
+    ndob = cdb[0] != Opcode.WRITE_SAME_10 and bool(flags & 0x01)
+    unmap = bool(flags & 0x08)
     bs = lu.block_size
-    task.transfer_length = 0 if ndob else bs
-    if blk.protect:
-        raise CheckCondition.invalid_field(1, 7)
-    if cdb[1] & 0x10:
-        raise CheckCondition.invalid_field(1, 4)  # ANCHOR (ANC_SUP 0; and needs UNMAP)
+    check = lu._protect(cmd, blk)
+    unit = lu._unit(check)
+    task.transfer_length = 0 if ndob else unit
+    if flags & 0x10:
+        raise CheckCondition.invalid_field(at, 4)  # ANCHOR (ANC_SUP 0; and needs UNMAP)
     if unmap and not lu.thin:
-        raise CheckCondition.invalid_field(1, 3)
+        raise CheckCondition.invalid_field(at, 3)
+    if ndob and unit != bs:
+        raise CheckCondition.invalid_field(at, 7)  # no Data-Out: no tuple to protect
     # NUMBER OF LOGICAL BLOCKS 0 means "through the last LBA" (WSNZ 0).
     nblocks = blk.length or max(lu.num_blocks - blk.lba, 0)
     lu._check_range(blk.lba, nblocks)
     if nblocks > MAX_WRITE_SAME_BLOCKS:
-        raise CheckCondition.invalid_field(10 if sixteen else 7)
+        raise CheckCondition.invalid_field(lu._length_byte(cdb))
     pattern: bytes | None = None
+    tuple_: bytes | None = None
     if not ndob:
         # Exactly one block of Data-Out: a shorter or longer buffer is not "the same block".
-        if task.expected_length != bs:
+        if task.expected_length != unit:
             raise CheckCondition(_BAD_IU)
-        pattern = await lu._receive_bytes(cmd, bs)
+        pattern = await lu._receive_bytes(cmd, unit)
         if pattern is None:
             return
+        if unit != bs:
+            assert check is not None
+            pattern, tuple_ = pattern[:bs], pattern[bs:]
+            error = check.verify(pattern, tuple_, bs, 0)
+            if error is not None:
+                raise pi_failure(error, blk.lba)
     base = blk.lba * bs
     total = nblocks * bs
     if unmap:
@@ -217,13 +238,24 @@ async def cmd_write_same(lu: LogicalUnit, cmd: Cmd) -> None:
         return
     # Shared for the whole range: COMPARE AND WRITE and atomic writes see all of it or none.
     async with lu.ranges.hold(base, base + total, exclusive=False):
-        await _write_repeated(lu, cmd, pattern, base, total)
+        await _write_repeated(lu, cmd, pattern, base, total, check=check, tuple_=tuple_)
 
 
 async def _write_repeated(
-    lu: LogicalUnit, cmd: Cmd, pattern: bytes | None, base: int, total: int
+    lu: LogicalUnit,
+    cmd: Cmd,
+    pattern: bytes | None,
+    base: int,
+    total: int,
+    *,
+    check: PiCheck | None = None,
+    tuple_: bytes | None = None,
 ) -> None:
-    """Write ``pattern`` (``None``: zeros) over ``[base, base + total)`` through one window."""
+    """Write ``pattern`` (``None``: zeros) over ``[base, base + total)`` through one window.
+
+    On a PI-formatted LU each window's tuples are ``tuple_`` repeated (reference tag stepped)
+    or, without one, generated with the reference tags ``check`` expects.
+    """
     bs = lu.block_size
     window = min(total, io_window(bs))
     sg = await cmd.channel.alloc(window, partial=True)
@@ -239,12 +271,26 @@ async def _write_repeated(
         pos = 0
         while pos < total:
             m = min(n, total - pos)
-            await lu._write_from(sg, base + pos, m, cmd.channel)
+            index = pos // bs  # block of the command
+            pi = None if tuple_ is None else _repeat_tuple(tuple_, index, m // bs, check)
+            ref = check.ref_at(index) if check is not None else None
+            await lu._write_from(sg, base + pos, m, cmd.channel, pi=pi, ref_tag=ref)
             if cmd.aborted():
                 return
             pos += m
     finally:
         sg.release()
+
+
+def _repeat_tuple(tuple_: bytes, index: int, count: int, check: PiCheck | None) -> bytes:
+    """``count`` copies of the received tuple for blocks ``index``.. of a WRITE SAME: guard
+    and application tag as sent, the reference tag +1 per block except for type 3."""
+    head, ref = tuple_[:4], int.from_bytes(tuple_[4:], "big")
+    if check is not None and check.ptype == 3:
+        return tuple_ * count
+    return b"".join(
+        head + ((ref + i) & 0xFFFFFFFF).to_bytes(4, "big") for i in range(index, index + count)
+    )
 
 
 # ---- GET LBA STATUS --------------------------------------------------------------------------

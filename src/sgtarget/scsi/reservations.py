@@ -236,6 +236,8 @@ class Reservations:
             if len(cdb) > 1 and cdb[1] & 0x1F == _READ_CAPACITY_16:
                 return False
             reads = _READS | {op}  # GET LBA STATUS reads like READ does
+        if op == Opcode.VARIABLE_LENGTH and cdb[8:10] in (b"\x00\x09", b"\x00\x0a"):
+            reads = _READS | {op}  # READ(32), VERIFY(32) read like READ does
         if op == Opcode.START_STOP_UNIT and len(cdb) > 4 and cdb[4] & 0xF1 == 0x01:
             return False  # START=1 with no power condition is allowed; stopping is not
         if res.type.registrants_only and key in self.registrations:

@@ -298,6 +298,7 @@ class _Plan:
                 # Text only: the exception must not outlive this frame (see lu.py).
                 log.warning("sanitize discard at %d failed on %s: %s", off, lu.identity, exc)
                 raise CheckCondition(_FAILED) from None
+            await lu._discard_pi(off, n)  # deallocated: escape tuples, as never written
             sanitizer._advance(n)
             off += n
             await asyncio.sleep(0)

@@ -130,7 +130,14 @@ class Backstore(abc.ABC):
         return RunnerIO(self, runner if self.blocking else run_inline)
 
     def describe(self) -> str:
-        return f"{self.kind} ({self.size} bytes)"
+        return f"{self.kind} ({self.size} bytes{self.format_note()})"
+
+    def format_note(self) -> str:
+        """``, 4096-byte blocks, PI type 1`` where the medium's format is not the default."""
+        note = f", {self.block_size}-byte blocks" if self.block_size != 512 else ""
+        if self.protection is not None:
+            note += f", PI type {self.protection.ptype}"
+        return note
 
 
 async def run_inline(fn: Callable[..., T], /, *args: Any) -> T:

@@ -361,7 +361,7 @@ class FileBackstore(Backstore):
 
     def describe(self) -> str:
         mode = (", direct I/O" if self.direct else "") + (", read-only" if self.readonly else "")
-        return f"file {self.path} ({self.size} bytes{mode})"
+        return f"file {self.path} ({self.size} bytes{self.format_note()}{mode})"
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01

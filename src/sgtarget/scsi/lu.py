@@ -1346,12 +1346,14 @@ class LogicalUnit:
             if sg is None:
                 return False
             n = sg.length
-            # Shared: a window waits only for an atomic command on an overlapping range.
+            # Shared: a window waits only for an atomic command on an overlapping range. With
+            # PI exclusive: data and tuples land in two steps, which no reader may see apart.
             ranges = self.ranges
-            held = ranges.try_acquire(base + off, base + off + n)
+            pi = bool(self.pi_type)
+            held = ranges.try_acquire(base + off, base + off + n, pi)
             try:
                 if held is None:
-                    held = await ranges.acquire(base + off, base + off + n)
+                    held = await ranges.acquire(base + off, base + off + n, pi)
                 # Generated PI: the reference tag the command's checks would expect.
                 ref = check.ref_at(off // bs) if check is not None else None
                 await self._write_from(sg, base + off, n, cmd.channel, ref_tag=ref)
@@ -1399,7 +1401,8 @@ class LogicalUnit:
                 data, pi = dif.split(sg.views(0, k * unit), bs)
                 tuples = b"".join(pi)
                 del pi
-                async with self.ranges.hold(start * bs, (start + k) * bs, exclusive=False):
+                # Exclusive: no reader may see the data without its tuples.
+                async with self.ranges.hold(start * bs, (start + k) * bs):
                     await self._write_views(data, start * bs, k * bs, cmd.channel, tuples)
                 del data
                 if cmd.aborted():

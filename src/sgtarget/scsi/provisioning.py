@@ -156,7 +156,9 @@ async def cmd_unmap(lu: LogicalUnit, cmd: Cmd) -> None:
     bs = lu.block_size
     for lba, nblocks in ranges:
         if nblocks:
-            async with lu.ranges.hold(lba * bs, (lba + nblocks) * bs, exclusive=False):
+            # Exclusive with PI: data and tuples are deallocated in two steps.
+            pi = bool(lu.pi_type)
+            async with lu.ranges.hold(lba * bs, (lba + nblocks) * bs, exclusive=pi):
                 await _discard(lu, lba * bs, nblocks * bs)
         if cmd.aborted():
             return
@@ -233,11 +235,12 @@ async def cmd_write_same(lu: LogicalUnit, cmd: Cmd) -> None:
         # Deallocate whatever the block holds, as LIO and tgt do and libiscsi 1.19 expects
         # (its UnmapUntilEnd sends 0xFF blocks and wants zeros back): the initiator asked for
         # deallocation, and LBPRZ tells it what the range reads as afterwards.
-        async with lu.ranges.hold(base, base + total, exclusive=False):
+        async with lu.ranges.hold(base, base + total, exclusive=bool(lu.pi_type)):
             await _discard(lu, base, total)
         return
     # Shared for the whole range: COMPARE AND WRITE and atomic writes see all of it or none.
-    async with lu.ranges.hold(base, base + total, exclusive=False):
+    # Exclusive with PI: no reader may see blocks whose tuples are not written yet.
+    async with lu.ranges.hold(base, base + total, exclusive=bool(lu.pi_type)):
         await _write_repeated(lu, cmd, pattern, base, total, check=check, tuple_=tuple_)
 
 

@@ -1,0 +1,206 @@
+"""PI-formatted LUNs through real initiators: libiscsi's tools report the format, QEMU round-trips
+an image (target-generated and -checked tuples), and a raw initiator of our own moves tuples
+interleaved with the data (WRPROTECT/RDPROTECT 1) through R2Ts and Data-In."""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import StartTarget, Target, describe, require_tool, run
+from .test_raw_pdus import FINAL, Session, bhs, login, read_pdu
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/T10-DIF a bit at a time: the oracle, independent of sgtarget's code."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8BB7) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def interleaved(blocks: list[bytes], first_ref: int) -> bytes:
+    return b"".join(
+        b + struct.pack(">HHI", crc16(b), 0, first_ref + i) for i, b in enumerate(blocks)
+    )
+
+
+def field(output: str, name: str) -> str:
+    match = re.search(rf"{name}:\s*(\S+)", output)
+    assert match is not None, output
+    return match.group(1)
+
+
+def test_tools_report_the_format(sgtarget: StartTarget, tmp_path: Path) -> None:
+    rc16 = require_tool("iscsi-readcapacity16")
+    inq = require_tool("iscsi-inq")
+    t = sgtarget(
+        "--lun", f"file:{tmp_path / 'a.img'},size=16M,pi=1",
+        "--lun", "ram:size=16M,pi=2",
+        "--lun", "ram:size=16M,pi=3,bs=4096",
+        "--lun", "ram:size=16M,bs=4096",
+    )  # fmt: skip
+    expected = [("1", "0", "512"), ("1", "1", "512"), ("1", "2", "4096"), ("0", "0", "4096")]
+    for lun, (prot_en, p_type, length) in enumerate(expected):
+        cp = run([rc16, t.url(lun)], timeout=30)
+        assert cp.returncode == 0, describe(cp)
+        assert field(cp.stdout, "PROT_EN") == prot_en, cp.stdout
+        assert field(cp.stdout, "P_TYPE") == p_type, cp.stdout
+        assert field(cp.stdout, "LOGICAL BLOCK LENGTH IN BYTES") == length, cp.stdout
+        cp = run([inq, t.url(lun)], timeout=30)
+        assert cp.returncode == 0, describe(cp)
+        assert field(cp.stdout, "Protect") == ("1" if lun < 3 else "0"), cp.stdout
+    assert "PI type 1" in t.stdout()
+
+
+def test_qemu_img_round_trips_a_pi_lun(sgtarget: StartTarget, tmp_path: Path) -> None:
+    qemu_img = require_tool("qemu-img")
+    image = tmp_path / "pi.img"
+    source = tmp_path / "source.img"
+    source.write_bytes(bytes(range(256)) * (32 * MiB // 256))
+    with source.open("r+b") as f:  # not one repeated block: a misplaced block would show
+        for i in range(0, 32 * MiB, MiB):
+            f.seek(i)
+            f.write(i.to_bytes(8, "big"))
+    t = sgtarget("--lun", f"file:{image},size=32M,pi=1")
+    cp = run([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(source), t.url()], 300)
+    assert cp.returncode == 0, describe(cp)
+    cp = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(source), t.url()], 300)
+    assert cp.returncode == 0, describe(cp)
+    # The sidecar holds each block's tuple, stored inverted: guard, app tag 0, ref tag = LBA.
+    t.stop()
+    sidecar = (tmp_path / "pi.img.pi").read_bytes()
+    data = source.read_bytes()
+    for lba in (0, 1, 4095, 65535):
+        stored = bytes(255 - b for b in sidecar[lba * 8 : lba * 8 + 8])
+        block = data[lba * 512 : (lba + 1) * 512]
+        assert stored == struct.pack(">HHI", crc16(block), 0, lba)
+
+
+# ---- a raw initiator moving tuples ------------------------------------------------------------
+
+
+class Initiator:
+    """SCSI commands over a raw session: R2Ts answered, Data-In gathered (no digests)."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.itt = 0x100
+
+    def command(
+        self, cdb: bytes, edtl: int, data_out: bytes = b"", *, lun: int = 0
+    ) -> tuple[int, bytes, bytes]:
+        """``(status, sense, data_in)``."""
+        s = self.s
+        self.itt += 1
+        itt = self.itt
+        flags = FINAL | (0x20 if data_out else 0x40 if edtl else 0) | 0x01
+        lun_field = bytes([0, lun]) + bytes(6)  # peripheral device addressing
+        rest = lun_field + struct.pack(">IIII", itt, edtl, s.cmdsn, s.exp_statsn)
+        s.sock.sendall(bhs(0x01, flags, rest=rest + cdb.ljust(16, b"\0")))
+        s.cmdsn += 1
+        data_in = bytearray(edtl if not data_out else 0)
+        while True:
+            pdu = read_pdu(s.sock)
+            op = pdu.opcode
+            if op == 0x31:  # R2T: send what it asks for in MaxRecvDataSegmentLength pieces
+                ttt, offset, length = pdu.u32(20), pdu.u32(40), pdu.u32(44)
+                for sn, pos in enumerate(range(offset, offset + length, s.max_recv)):
+                    chunk = data_out[pos : min(pos + s.max_recv, offset + length)]
+                    last = pos + len(chunk) >= offset + length
+                    hdr = lun_field + struct.pack(">IIIIIII", itt, ttt, 0, s.exp_statsn, 0, sn, pos)
+                    pad = b"\0" * (-len(chunk) % 4)
+                    s.sock.sendall(
+                        bhs(0x05, FINAL if last else 0, dsl=len(chunk), rest=hdr) + chunk + pad
+                    )
+            elif op == 0x25:  # Data-In
+                offset = pdu.u32(40)
+                data_in[offset : offset + len(pdu.data)] = pdu.data
+                if pdu.header[1] & 0x01:  # S: status in the last Data-In
+                    s.exp_statsn = pdu.u32(24) + 1
+                    return pdu.header[3], b"", bytes(data_in)
+            elif op == 0x21:  # SCSI Response
+                s.exp_statsn = pdu.u32(24) + 1
+                sense = pdu.data[2 : 2 + int.from_bytes(pdu.data[:2], "big")] if pdu.data else b""
+                return pdu.header[3], sense, bytes(data_in)
+            else:
+                raise AssertionError(f"unexpected PDU {pdu}")
+
+
+@pytest.fixture
+def initiator(sgtarget: StartTarget) -> Iterator[Initiator]:
+    t: Target = sgtarget("--lun", "ram:size=16M,pi=1", "--lun", "ram:size=16M,pi=1,bs=4096")
+    s = login(t)
+    try:
+        ini = Initiator(s)
+        for lun in (0, 1):  # each LU's power-on unit attention
+            status, _, _ = ini.command(bytes(6), 0, lun=lun)
+            assert status == 0x02
+        yield ini
+    finally:
+        s.sock.close()
+
+
+def rw10(op: int, lba: int, n: int, protect: int) -> bytes:
+    return bytes([op, protect << 5]) + struct.pack(">IBHB", lba, 0, n, 0)
+
+
+def test_tuples_written_are_read_back_and_bad_ones_refused(initiator: Initiator) -> None:
+    ini = initiator
+    bs, n, lba = 512, 40, 1000
+    blocks = [bytes([i]) * 200 + bytes(range(256)) + bytes(56) for i in range(n)]
+    wire = interleaved(blocks, lba)
+    assert len(wire) == n * (bs + 8)  # 20800 bytes: R2Ts and several Data-Outs
+    status, sense, _ = ini.command(rw10(0x2A, lba, n, 1), len(wire), wire)
+    assert status == 0, sense.hex()
+    status, sense, data = ini.command(rw10(0x28, lba, n, 1), len(wire))
+    assert status == 0, sense.hex()
+    assert data == wire
+    # RDPROTECT 0: data only.
+    status, sense, data = ini.command(rw10(0x28, lba, n, 0), n * bs)
+    assert status == 0, sense.hex()
+    assert data == b"".join(blocks)
+    # A bad guard in block 17: ABORTED COMMAND 10/01, LBA in INFORMATION, medium unchanged.
+    bad = bytearray(interleaved([bytes(bs)] * n, lba))
+    bad[17 * (bs + 8)] ^= 0xFF
+    status, sense, _ = ini.command(rw10(0x2A, lba, n, 1), len(bad), bytes(bad))
+    assert status == 0x02
+    assert (sense[2] & 0x0F, sense[12], sense[13]) == (0x0B, 0x10, 0x01)
+    assert int.from_bytes(sense[3:7], "big") == lba + 17
+    status, _, data = ini.command(rw10(0x28, lba, n, 1), len(wire))
+    assert status == 0
+    assert data == wire
+
+
+def test_4096_byte_blocks_with_tuples(initiator: Initiator) -> None:
+    ini = initiator
+    bs, n, lba = 4096, 5, 33
+    blocks = [bytes([0xA0 + i]) * 1000 + bytes(range(256)) * 12 + bytes(24) for i in range(n)]
+    wire = interleaved(blocks, lba)
+    status, sense, _ = ini.command(rw10(0x2A, lba, n, 1), len(wire), wire, lun=1)
+    assert status == 0, sense.hex()
+    status, sense, data = ini.command(rw10(0x28, lba, n, 1), len(wire), lun=1)
+    assert status == 0, sense.hex()
+    assert data == wire
+    # Reference tag one off in the last block: 10/03 at its LBA.
+    bad = interleaved(blocks[:4], lba) + interleaved(blocks[4:], lba + 5)
+    status, sense, _ = ini.command(rw10(0x2A, lba, n, 1), len(bad), bad, lun=1)
+    assert status == 0x02
+    assert (sense[2] & 0x0F, sense[12], sense[13]) == (0x0B, 0x10, 0x03)
+    assert int.from_bytes(sense[3:7], "big") == lba + 4
+    # A block written without tuples (WRPROTECT 0) gets generated ones.
+    status, sense, _ = ini.command(rw10(0x2A, 100, 1, 0), bs, blocks[0], lun=1)
+    assert status == 0, sense.hex()
+    status, sense, data = ini.command(rw10(0x28, 100, 1, 1), bs + 8, lun=1)
+    assert status == 0, sense.hex()
+    assert data == interleaved(blocks[:1], 100)

@@ -472,3 +472,32 @@ def test_interleaved_read_streams_through_a_short_pool(luns: list[Lun], pool: Po
         u.target, pool, rw10(0x2A, 0, n, protect=1), data_out=wire(blocks, tuples), setup=short
     )
     good(task)
+
+
+# ---- other writers keep data and tuples in step (protect 0) -----------------------------------
+
+
+def test_orwrite_and_compare_and_write_generate_tuples(luns: list[Lun], pool: Pool) -> None:
+    u = lun(luns, pool, 1)
+    blocks = blocks_of(3, 512, seed=4)
+    good(u.run(rw16(0x8A, 70, 3), b"".join(blocks)))
+    mask = bytes([0x80]) * 1536
+
+    def odd(ch: FakeChannel) -> None:
+        ch.partial_limit = 700  # receives end inside blocks
+
+    task, _ = run(u.target, pool, rw16(0x8B, 70, 3), data_out=mask, setup=odd)
+    good(task)
+    ored = [bytes(b | 0x80 for b in blk) for blk in blocks]
+    assert u.data(70, 3) == b"".join(ored)
+    assert u.tuples(70, 3) == b"".join(tuple_of(b, 70 + i) for i, b in enumerate(ored))
+    new = blocks_of(1, 512, seed=99)[0]
+    cdb = bytes([0x89, 0]) + (71).to_bytes(8, "big") + bytes([0, 0, 0, 1, 0, 0])
+    good(u.run(cdb, ored[1] + new))
+    assert u.tuples(71, 1) == tuple_of(new, 71)
+    assert sense(u.run(bytes([0x89, 0x20]) + cdb[2:], ored[1] + new)) == INVALID_FIELD
+    # A rotten block fails COMPARE AND WRITE's read with the guard check, not a miscompare.
+    u.backstore.writev(71 * 512, [memoryview(b"rot")])
+    task = u.run(cdb, new + new)
+    assert sense(task) == GUARD
+    assert info(task) == 71

@@ -128,7 +128,9 @@ async def cmd_orwrite(lu: LogicalUnit, cmd: Cmd) -> None:
     base = blk.lba * bs
     total = nblocks * bs
     window = IO_WINDOW
-    sent = await lu._receive(cmd, 0, min(window, total), partial=True)
+    # With PI whole blocks per piece: their tuples are generated per block.
+    unit = bs if lu.pi_type else 1
+    sent = await lu._receive_units(cmd, 0, min(window, total), unit)
     if sent is None:
         return
     try:
@@ -146,7 +148,7 @@ async def cmd_orwrite(lu: LogicalUnit, cmd: Cmd) -> None:
                     off += n
                     if off >= total:
                         break
-                    nxt = await lu._receive(cmd, off, min(window, total - off), partial=True)
+                    nxt = await lu._receive_units(cmd, off, min(window, total - off), unit)
                     if nxt is None:
                         return
                     sent = nxt

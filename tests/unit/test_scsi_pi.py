@@ -12,15 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgtarget.backstores.pi import ProtectionStore
+from sgtarget.backstores.pi import MemoryProtection, ProtectionStore
 from sgtarget.backstores.ram import RamBackstore
 from sgtarget.datapath import Pool
+from sgtarget.datapath.bounce import ConsumerLimits
 from sgtarget.scsi.constants import Status
 from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline
 
-from .scsi_fakes import OTHER_NEXUS, FakeChannel, run
+from .scsi_fakes import OTHER_NEXUS, FakeChannel, MemBackstore, run
 
 NAME = "iqn.2024-01.test:pi"
 NBLOCKS = 4096
@@ -501,3 +502,20 @@ def test_orwrite_and_compare_and_write_generate_tuples(luns: list[Lun], pool: Po
     task = u.run(cdb, new + new)
     assert sense(task) == GUARD
     assert info(task) == 71
+
+
+def test_backstore_with_alignment_limits_goes_through_a_bounce(pool: Pool) -> None:
+    """O_DIRECT-like limits: data pieces between tuples are not aligned, so they bounce."""
+    store = MemBackstore(NBLOCKS * 512)
+    store.limits = ConsumerLimits(alignment=4096, max_segments=16)
+    store.protection = MemoryProtection(NBLOCKS, 1)
+    target = ScsiTarget(NAME, [LogicalUnit(store, runner=run_inline, identity="t/0")])
+    run(target, pool, bytes(6))
+    blocks = blocks_of(20, 512, seed=8)
+    tuples = [tuple_of(b, 5 + i) for i, b in enumerate(blocks)]
+    good(run(target, pool, rw10(0x2A, 5, 20, protect=1), data_out=wire(blocks, tuples))[0])
+    assert bytes(store.data[5 * 512 : 25 * 512]) == b"".join(blocks)
+    task, ch = run(target, pool, rw10(0x28, 5, 20, protect=1), edtl=20 * 520)
+    good(task)
+    assert bytes(ch.data_in) == wire(blocks, tuples)
+    assert pool.stats.copies.get(("pi-split-bounce", "in"), 0) == 20 * 512

@@ -114,3 +114,24 @@ def test_mode_select_may_repeat_ato(targets: list[ScsiTarget], pool: Pool) -> No
     flipped[4 + 5] ^= 0x80
     task, _ = run(t, pool, bytes([0x15, 0x10, 0, 0, len(params), 0]), data_out=bytes(flipped))
     assert sense(task) == (0x5, 0x26, 0x00)
+
+
+@pytest.mark.parametrize(("pi", "byte1"), [(0, 0x18), (1, 0xF8)])
+def test_rsoc_usage_shows_protect_fields_on_pi_lus(
+    targets: list[ScsiTarget], pool: Pool, pi: int, byte1: int
+) -> None:
+    t = ready(targets, pool, pi)
+    data = reply(t, pool, "a3 0c 01 28 0000 00000100 00 00")  # READ(10), one command
+    assert data[:4] == bytes.fromhex("0003 000a")
+    assert data[4:6] == bytes([0x28, byte1])
+
+
+def test_32_byte_cdbs_only_on_type_2(targets: list[ScsiTarget], pool: Pool) -> None:
+    for pi, support in ((1, 0x01), (2, 0x03)):
+        t = ready(targets, pool, pi)
+        data = reply(t, pool, "a3 0c 02 7f 0009 00000100 00 00")  # READ(32)
+        assert data[1] & 0x07 == support
+        if support == 0x03:
+            assert data[2:4] == b"\x00\x20"
+            usage = data[4:36]
+            assert usage[:11] == bytes.fromhex("7f 00 00000000 1f 18 0009 f8")

@@ -519,3 +519,18 @@ def test_backstore_with_alignment_limits_goes_through_a_bounce(pool: Pool) -> No
     good(task)
     assert bytes(ch.data_in) == wire(blocks, tuples)
     assert pool.stats.copies.get(("pi-split-bounce", "in"), 0) == 20 * 512
+
+
+def test_segment_limit_alone_bounces_only_when_exceeded(pool: Pool) -> None:
+    store = MemBackstore(NBLOCKS * 512)
+    store.limits = ConsumerLimits(alignment=1, max_segments=8)
+    store.protection = MemoryProtection(NBLOCKS, 1)
+    target = ScsiTarget(NAME, [LogicalUnit(store, runner=run_inline, identity="t/0")])
+    run(target, pool, bytes(6))
+    for n, bounced in ((8, 0), (9, 9 * 512)):
+        blocks = blocks_of(n, 512, seed=n)
+        data_out = wire(blocks, [tuple_of(b, i) for i, b in enumerate(blocks)])
+        before = pool.stats.copies.get(("pi-split-bounce", "in"), 0)
+        good(run(target, pool, rw10(0x2A, 0, n, protect=1), data_out=data_out)[0])
+        assert pool.stats.copies.get(("pi-split-bounce", "in"), 0) - before == bounced
+        assert bytes(store.data[: n * 512]) == b"".join(blocks)

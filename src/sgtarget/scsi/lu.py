@@ -719,15 +719,22 @@ class LogicalUnit:
         if tuples is not None:
             await self._pi_io("write", lba, [memoryview(tuples)])
 
+    def _takes(self, views: list[memoryview], offset: int) -> bool:
+        """Whether the backstore takes ``views`` as they are (no alignment to keep in order
+        with read-modify-writes, within its segment limits)."""
+        limits = self.backstore.limits
+        return limits is None or (limits.alignment == 1 and bounce.fits(views, offset, limits))
+
     async def _read_views(
         self, views: list[memoryview], offset: int, n: int, channel: DataChannel
     ) -> None:
         """Fill ``views`` (pieces of a wire list: data between tuples) from byte ``offset``.
 
-        Straight into them when the backstore takes any buffers; else through a bounce from
-        the pool (O_DIRECT alignment: the pieces sit between 8-byte tuples), copied back.
+        Straight into them when the backstore takes them (buffered files split at IOV_MAX
+        themselves); else through a bounce from the pool (O_DIRECT alignment: the pieces sit
+        between 8-byte tuples; or too many segments), copied back.
         """
-        if self.backstore.limits is None:
+        if self._takes(views, offset):
             try:
                 await self.io.readv(offset, views)
                 return
@@ -751,7 +758,7 @@ class LogicalUnit:
         self, views: list[memoryview], offset: int, n: int, channel: DataChannel, pi: bytes
     ) -> None:
         """Store ``views`` (data pieces of a wire list) and their tuples ``pi``."""
-        if self.backstore.limits is None:
+        if self._takes(views, offset):
             try:
                 await self.io.writev(offset, views)
             except BackstoreBusy:

@@ -627,6 +627,7 @@ class LogicalUnit:
         pi = await self._read_pi(first, end - first)
         data = sg.views(first * bs - offset, (end - first) * bs)
         error = check.verify(data, pi, bs, first - check.lba)
+        del data  # pool views must not ride along in a traceback
         if error is not None:
             raise pi_failure(error, first)
 
@@ -1258,10 +1259,12 @@ class LogicalUnit:
                     await self._read_views(data, start * bs, k * bs, cmd.channel)
                     pi = await self._read_pi(start, k)
                 error = check.verify(data, pi, bs, done)
+                if error is None:
+                    dif.scatter([pi], slots)
+                # Views of pool blocks must not ride along in a traceback.
+                del data, slots
                 if error is not None:
                     raise pi_failure(error, start)
-                dif.scatter([pi], slots)
-                del data, slots
             except BaseException:
                 sg.release()
                 raise
@@ -1620,10 +1623,10 @@ class LogicalUnit:
                 k = sent.length // unit
                 data, pi = dif.split(sent.views(0, k * unit), bs)
                 error = check.verify(data, pi, bs, done)
+                wanted = b"".join(data) if error is None else b""
+                del data, pi  # pool views must not ride along in a traceback
                 if error is not None:
                     raise pi_failure(error, blk.lba + done)
-                wanted = b"".join(data)
-                del data, pi
                 medium = await cmd.channel.alloc(k * bs)
                 try:
                     if cmd.aborted():

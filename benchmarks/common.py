@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +35,7 @@ PACKAGES = {
     "tgtd": "tgt",
     "tgtadm": "tgt",
     "iscsi-ls": "libiscsi-bin",
+    "iscsi-perf": "libiscsi-bin",
 }
 
 
@@ -149,11 +150,20 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> Non
 class SgTarget:
     """A private ``sgtarget serve`` on 127.0.0.1:PORT with one file LUN; stopped with SIGTERM."""
 
-    def __init__(self, lun_spec: str, *, pool: str | None = None, portals: int = 1) -> None:
+    def __init__(
+        self,
+        lun_spec: str,
+        *,
+        pool: str | None = None,
+        portals: int = 1,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.ports = [free_port() for _ in range(portals)]
         self.port = self.ports[0]
         self.lun_spec = lun_spec
         self.pool = pool
+        #: The server's environment (default: ours).
+        self.env = env
         #: One URL per portal (several portals serve the same LUN: multipath).
         self.urls = [f"iscsi://127.0.0.1:{p}/{SG_IQN}/0" for p in self.ports]
         self.url = self.urls[0]
@@ -178,7 +188,9 @@ class SgTarget:
             cmd += ["--pool", self.pool]
         # Output goes to files, not pipes: nobody reads while it serves, and a full pipe blocks.
         with self._out.open("wb") as out, self._err.open("wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, env=self.env, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if f"sgtarget: serving {SG_IQN}" in self._out.read_text():

@@ -250,11 +250,6 @@ def rw32(sa: int, lba: int, n: int, protect: int, ref: int) -> bytes:
     return bytes(cdb)
 
 
-@pytest.mark.xfail(
-    reason="the iSCSI layer (iscsi/pdu.py, connection.py) does not yet append the Extended "
-    "CDB AHS to the CDB, so 32-byte CDBs arrive as 16 bytes",
-    strict=False,
-)
 def test_type2_32_byte_cdbs_over_iscsi(sgtarget: StartTarget) -> None:
     t = sgtarget("--lun", "ram:size=16M,pi=2")
     s = login(t)

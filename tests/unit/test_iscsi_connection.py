@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 
@@ -820,3 +821,55 @@ def test_asking_for_dropped_unsolicited_bytes_fails_loudly_instead_of_hanging() 
         peer.conn.request_data(ready.command, 8, 4088)
     peer.conn.complete(ready.command)
     assert peer.pool.stats.blocks_in_use == 0
+
+
+def _ext_cdb_ahs(cdb: bytes) -> bytes:
+    """An Extended CDB AHS by hand (RFC 7143 11.2.2.3): AHSLength, type 1, reserved, CDB[16:],
+    padded to 4 bytes."""
+    rest = cdb[16:]
+    ahs = struct.pack(">HBB", len(rest) + 1, 1, 0) + rest
+    return ahs + bytes(-len(ahs) % 4)
+
+
+READ32 = bytes.fromhex("7f000000000000180009" + "00" * 2 + "0000000000000009" + "00" * 12)
+
+
+def test_extended_cdb_ahs_makes_a_32_byte_cdb() -> None:
+    assert len(READ32) == 32
+    ahs = _ext_cdb_ahs(READ32)
+    # AHSLength 17 (reserved byte + 16 CDB bytes), type 1, reserved, then CDB bytes 16-31.
+    assert ahs == bytes.fromhex("00110100" + "00000009" + "00" * 12)
+    assert pdu.extended_cdb(ahs) == READ32[16:]
+    # A BIDI read length AHS (type 2) before it is skipped.
+    bidi = struct.pack(">HBBI", 5, 2, 0, 4096)
+    assert pdu.extended_cdb(bidi + ahs) == READ32[16:]
+    assert pdu.extended_cdb(bidi) == b""
+    peer = logged_in()
+    itt = peer.next_itt()
+    words = (512, peer.cmdsn, 0, *struct.unpack(">4I", READ32[:16]))
+    bhs = make_bhs(0x01, b1=0xC1, itt=itt, words=words, ahs_words=len(ahs) // 4)
+    peer.send(peer.frame(bhs + ahs))
+    (ev,) = peer.ready_commands()
+    assert isinstance(ev, CommandReady)
+    assert ev.command.task.cdb == READ32
+
+
+@pytest.mark.parametrize(
+    "ahs",
+    [
+        struct.pack(">HBB", 40, 1, 0) + bytes(16),  # AHSLength past TotalAHSLength
+        struct.pack(">HBB", 1, 1, 0),  # an Extended CDB without a CDB byte
+        _ext_cdb_ahs(READ32) * 2,  # two of them
+    ],
+)
+def test_a_malformed_ahs_is_rejected_and_the_connection_goes_on(ahs: bytes) -> None:
+    peer = logged_in()
+    words = (512, peer.cmdsn, 0, *struct.unpack(">4I", READ32[:16]))
+    bhs = make_bhs(0x01, b1=0xC1, itt=7, words=words, ahs_words=len(ahs) // 4)
+    peer.send(peer.frame(bhs + ahs))
+    (rej,) = peer.received()
+    assert rej.opcode == pdu.Opcode.REJECT
+    assert rej.hdr.b2 == pdu.RejectReason.INVALID_PDU_FIELD
+    assert peer.ready_commands() == []
+    peer.send(peer.frame(*nop_out(0x53)))
+    assert [p.opcode for p in peer.received()] == [pdu.Opcode.NOP_IN]

@@ -393,6 +393,14 @@ class Connection:
                 return
             self._start_discard(hdr, reason)
             return
+        if hdr.ahs_len and hdr.opcode == Opcode.SCSI_COMMAND:
+            try:  # a CDB longer than 16 bytes (READ(32) ...): the rest is in the AHS
+                ahs = bytes(self._hbuf[pdu.BHS_LEN : pdu.BHS_LEN + hdr.ahs_len])
+                hdr.cdb_ext = pdu.extended_cdb(ahs)
+            except PduFormatError as exc:
+                log.warning("SCSI Command itt %#x: %s", hdr.itt, exc)
+                self._start_discard(hdr, exc.reason)
+                return
         if hdr.data_len > self._max_recv:
             if self.state is ConnState.LOGIN:
                 # Decided from the header alone: an unauthenticated peer does not get to make

@@ -137,14 +137,48 @@ class PduFormatError(Exception):
         self.reason = reason
 
 
+#: AHS types (RFC 7143 11.2.2.1).
+AHS_EXTENDED_CDB = 0x01
+AHS_BIDI_READ_LENGTH = 0x02
+
+
+def extended_cdb(ahs: bytes) -> bytes:
+    """The CDB bytes beyond the BHS's 16 that an Extended CDB AHS carries (RFC 7143
+    11.2.2.3), or ``b""``. ``ahs`` is the whole TotalAHSLength; entries of other types are
+    skipped. ``PduFormatError`` when the entries do not fit it or two Extended CDBs come.
+
+    Each entry is AHSLength (2 bytes: the bytes after AHSType, padding excluded), AHSType,
+    then AHSLength bytes padded to 4; an Extended CDB's first byte is reserved.
+    """
+    pos, ext, found = 0, b"", False
+    while pos < len(ahs):
+        if pos + 4 > len(ahs):
+            raise PduFormatError(RejectReason.INVALID_PDU_FIELD, "truncated AHS")
+        length = (ahs[pos] << 8) | ahs[pos + 1]
+        end = pos + 3 + length
+        if end > len(ahs):
+            raise PduFormatError(
+                RejectReason.INVALID_PDU_FIELD, f"AHSLength {length} past TotalAHSLength"
+            )
+        if ahs[pos + 2] == AHS_EXTENDED_CDB:
+            if found or length < 2:
+                raise PduFormatError(RejectReason.INVALID_PDU_FIELD, "bad Extended CDB AHS")
+            found = True
+            ext = ahs[pos + 4 : end]
+        pos = (end + 3) & ~3
+    return ext
+
+
 class Header:
-    """A decoded BHS. ``raw`` keeps the 48 bytes (Reject echoes them)."""
+    """A decoded BHS. ``raw`` keeps the 48 bytes (Reject echoes them); ``cdb_ext`` the CDB
+    bytes an Extended CDB AHS added (set by whoever read the AHS)."""
 
     __slots__ = (
         "ahs_len",
         "b1",
         "b2",
         "b3",
+        "cdb_ext",
         "data_len",
         "immediate",
         "itt",
@@ -180,6 +214,7 @@ class Header:
         self.w9: int = w9
         self.w10: int = w10
         self.w11: int = w11
+        self.cdb_ext = b""
 
     @property
     def final(self) -> bool:
@@ -205,7 +240,7 @@ class Header:
 
     @property
     def cdb(self) -> bytes:
-        return self.raw[32:48]
+        return self.raw[32:48] + self.cdb_ext if self.cdb_ext else self.raw[32:48]
 
     # Data-Out / NOP-Out / Text: Target Transfer Tag
     @property

@@ -137,9 +137,20 @@ class Initiator:
                 raise AssertionError(f"unexpected PDU {pdu}")
 
 
-@pytest.fixture
-def initiator(sgtarget: StartTarget) -> Iterator[Initiator]:
-    t: Target = sgtarget("--lun", "ram:size=16M,pi=1", "--lun", "ram:size=16M,pi=1,bs=4096")
+@pytest.fixture(params=["ram", "handler"])
+def initiator(
+    request: pytest.FixtureRequest, sgtarget: StartTarget, tmp_path: Path
+) -> Iterator[Initiator]:
+    """LUN 0: 512-byte blocks, LUN 1: 4096, both type 1; in memory, or files served by
+    handler processes (PI stays with the target, the handlers see data only)."""
+    if request.param == "ram":
+        luns = ["ram:size=16M,pi=1", "ram:size=16M,pi=1,bs=4096"]
+    else:
+        luns = [
+            f"file:{tmp_path / 'a.img'},size=16M,pi=1,handler=zerocopy",
+            f"file:{tmp_path / 'b.img'},size=16M,pi=1,bs=4096,handler=copy",
+        ]
+    t: Target = sgtarget("--lun", luns[0], "--lun", luns[1])
     s = login(t)
     try:
         ini = Initiator(s)

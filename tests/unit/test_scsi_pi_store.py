@@ -149,8 +149,6 @@ def test_spec_keys_reach_the_backstore_and_the_lu(
         ("null:size=1M,pi=1", "pi=1 needs a medium that keeps what is written"),
         ("ram:size=6K,bs=4096", "ram: size 6144 is not a positive multiple of 4096"),
         ("file:{dir}/c.img,size=6K,bs=4096", "not a positive multiple of 4096"),
-        ("file:{dir}/d.img,size=1M,pi=1,handler=copy", "handler= serves bs=512 LUNs"),
-        ("null:size=1M,bs=4096,handler=zerocopy", "handler= serves bs=512 LUNs"),
     ],
 )
 def test_bad_format_keys_are_refused_in_one_line(spec: str, message: str, tmp_path: Path) -> None:
@@ -173,3 +171,27 @@ def test_ram_close_releases_the_store() -> None:
     ram = RamBackstore(1 << 20, pi=1)
     assert isinstance(ram.protection, MemoryProtection)
     ram.close()
+
+
+def test_handler_luns_keep_the_format_and_the_tuples_in_the_target(tmp_path: Path) -> None:
+    from sgtarget.ring.backstore import RingBackstore  # noqa: PLC0415
+
+    path = tmp_path / "r.img"
+    bs = build_backstore(parse_lun_spec(f"file:{path},size=1M,pi=2,bs=4096,handler=copy"))
+    try:
+        assert isinstance(bs, RingBackstore)
+        assert bs.block_size == 4096
+        assert bs.handler_command.block_size == 4096
+        assert bs.protection is not None
+        assert bs.protection is bs.inner.protection  # type: ignore[union-attr]
+        assert bs.protection.ptype == 2
+        assert (tmp_path / "r.img.pi").exists()
+        assert "4096-byte blocks, PI type 2" in bs.describe()
+    finally:
+        bs.close()
+    null = build_backstore(parse_lun_spec("null:size=1M,bs=4096,handler=zerocopy"))
+    try:
+        assert null.block_size == 4096
+        assert null.protection is None
+    finally:
+        null.close()

@@ -291,9 +291,6 @@ def build_backstore(spec: LunSpec) -> Backstore:
     try:
         # Handler keys first: a bad value should not leave a file created behind it.
         ring = pop_ring_options(spec.kind, params)
-        if ring is not None and ("pi" in params or params.get("bs", "512") != "512"):
-            # The ring carries neither PI nor a block size to its handlers yet.
-            raise ValueError("handler= serves bs=512 LUNs without pi= only")
         inner = create(spec.kind, params, readonly=lun_flag(spec, "readonly"))
         return inner if ring is None else RingBackstore.around(inner, ring)
     except (ValueError, BackstoreError) as exc:

@@ -329,6 +329,10 @@ class RingBackstore(Backstore):
         self.inner = inner
         if inner is not None:
             self.limits = inner.limits
+            # PI stays in the target process (the sidecar ``inner`` opened): the LU splits,
+            # checks, generates and stores tuples, and handlers see only the data, so every
+            # handler serves PI LUNs without knowing of PI (TCMU's iov_dif_cnt stays 0).
+            self.protection = inner.protection
         self.handler_command = HandlerCommand(
             handler, dict(params), size, block_size=block_size, threads=options.threads
         )
@@ -360,7 +364,15 @@ class RingBackstore(Backstore):
             handler, name = "null", "null"
         else:
             raise ValueError(f"{inner.kind} LUNs cannot run in a handler process")
-        return cls(handler, params, inner.size, options, inner=inner, name=name)
+        return cls(
+            handler,
+            params,
+            inner.size,
+            options,
+            inner=inner,
+            block_size=inner.block_size,
+            name=name,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 

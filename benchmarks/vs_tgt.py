@@ -323,7 +323,7 @@ def print_kind(
                 fmt(sg.best),
                 fmt(sg.best * test.size / MiB),
                 *tgt_cells,
-                f"{ratio:.2f}" if ratio else "-",
+                f"{ratio:.3f}" if ratio else "-",
                 per_round or "-",
                 f">={goal}" if goal is not None else "-",
                 verdict,

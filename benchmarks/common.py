@@ -157,8 +157,11 @@ class SgTarget:
         pool: str | None = None,
         portals: int = 1,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.ports = [free_port() for _ in range(portals)]
+        #: More ``sgtarget serve`` arguments (``--loop asyncio``).
+        self.args = list(args)
         self.port = self.ports[0]
         self.lun_spec = lun_spec
         self.pool = pool
@@ -186,6 +189,7 @@ class SgTarget:
         cmd += ["--lun", self.lun_spec, "--nop-interval", "0"]
         if self.pool:
             cmd += ["--pool", self.pool]
+        cmd += self.args
         # Output goes to files, not pipes: nobody reads while it serves, and a full pipe blocks.
         with self._out.open("wb") as out, self._err.open("wb") as err:
             self.proc = subprocess.Popen(

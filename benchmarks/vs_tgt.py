@@ -14,8 +14,8 @@ round's own), the issue's goal for that ratio and whether it is met, the CPU sec
 spent per GiB moved (user + system of the process and its descendants from /proc, around each
 run, summed over rounds) and, when iperf3 is installed, sgtarget's MiB/s as a share of the
 loopback figure (``iperf3 -c 127.0.0.1 -t 3``, one stream). sgtarget runs on uvloop when it is
-importable; the asyncio row hides uvloop from the server (a ``uvloop`` module that raises
-ImportError first on its PYTHONPATH), and /proc/PID/maps confirms which loop each server runs.
+importable; the asyncio rows run ``sgtarget serve --loop asyncio``, and /proc/PID/maps confirms
+which loop each server runs.
 
     python -m benchmarks.vs_tgt
     python -m benchmarks.vs_tgt --quick
@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,7 +91,6 @@ GOALS: dict[str, dict[str, float]] = {
 
 _QEMU_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
 _PERF_AVERAGE = re.compile(r"iops average (\d+) \((\d+) MB/s\)")
-_HIDE_UVLOOP = 'raise ImportError("uvloop hidden by benchmarks.vs_tgt: measuring asyncio")\n'
 
 
 def qemu_seconds(output: str) -> float | None:
@@ -234,11 +232,8 @@ def server_loop(pid: int) -> str:
 
 
 @contextlib.contextmanager
-def sgtarget(spec: str, loop: str, hide_dir: Path) -> Iterator[Side]:
-    env = dict(os.environ)
-    if loop == "asyncio":
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hide_dir), env.get("PYTHONPATH")) if p)
-    with SgTarget(spec, env=env) as t:
+def sgtarget(spec: str, loop: str) -> Iterator[Side]:
+    with SgTarget(spec, args=["--loop", loop]) as t:
         running = server_loop(t.pid)
         if running != loop:
             raise BenchError(f"sgtarget was asked for {loop} and runs {running}")
@@ -252,7 +247,6 @@ def run_kind(
     tests: list[Test],
     args: argparse.Namespace,
     results: Results,
-    hide_dir: Path,
 ) -> None:
     with contextlib.ExitStack() as stack:
         if kind == "file":
@@ -268,7 +262,7 @@ def run_kind(
         tgt_side = Side("tgt", tgt.url, tgt.pid)
         # One sgtarget at a time: it locks the file (flock), tgt does not.
         for loop in loops:
-            with sgtarget(spec, loop, hide_dir) as sg_side:
+            with sgtarget(spec, loop) as sg_side:
                 for n in range(args.rounds):
                     t0 = time.monotonic()
                     for test in tests:
@@ -402,22 +396,18 @@ def main() -> int:
     results: Results = {}
     goals = [0, 0]
     try:
-        with tempfile.TemporaryDirectory(prefix="sgtarget-bench-loop-") as hide:
-            (Path(hide) / "uvloop.py").write_text(_HIDE_UVLOOP)
-            for kind in kinds:
-                run_kind(
-                    kind, loops=loops, tests=tests, args=args, results=results, hide_dir=Path(hide)
-                )
-                met, judged = print_kind(
-                    kind,
-                    loops=loops,
-                    missing=missing,
-                    tests=tests,
-                    results=results,
-                    loopback=loopback,
-                    args=args,
-                )
-                goals = [goals[0] + met, goals[1] + judged]
+        for kind in kinds:
+            run_kind(kind, loops=loops, tests=tests, args=args, results=results)
+            met, judged = print_kind(
+                kind,
+                loops=loops,
+                missing=missing,
+                tests=tests,
+                results=results,
+                loopback=loopback,
+                args=args,
+            )
+            goals = [goals[0] + met, goals[1] + judged]
     except BenchError as exc:
         print(f"benchmark error: {exc}", file=sys.stderr)
         return 1

@@ -144,9 +144,24 @@ def test_sigint_stops_cleanly(target: Target) -> None:
     assert "Traceback" not in target.stderr(), target.stderr()
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "auto"])
+def test_event_loop_choice(sgtarget: StartTarget, loop: str) -> None:
+    t = sgtarget("--loop", loop, "--lun", "ram:size=16M")
+    qemu_io(t.url(), "write -P 7 0 4k", "read -P 7 0 4k")
+    try:
+        import uvloop  # noqa: F401, PLC0415
+    except ImportError:
+        expect = "asyncio"
+    else:
+        expect = "uvloop" if loop == "auto" else "asyncio"
+    assert f"event loop: {expect}" in t.stdout()
+    t.assert_clean_stop()
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ["--loop", "trio"],
         ["--lun", "bogus:x"],
         ["--portal", "nonsense:99999"],
         ["--lun", "ram:size=1G,colour=red"],

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="commands each session may have in flight (default 128)",
     )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop when installed (auto, the default), uvloop, or asyncio's own",
+    )
     serve.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         nop_interval=args.nop_interval or None,
         queue_depth=args.queue_depth,
     )
-    return run(config, banner=banner)
+    return run(config, banner=banner, loop=args.loop)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,18 @@ from sgtarget.server.target import TargetConfig, TargetServer, describe_luns, fo
 log = logging.getLogger("sgtarget")
 
 
-def _loop_factory() -> str:
+def _use_loop(choice: str) -> str:
+    """Install the event loop policy for ``choice``; the loop's name. ``RuntimeError`` for
+    ``uvloop`` when it is not installed."""
+    if choice == "asyncio":
+        return "asyncio"
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
     except ImportError:
+        if choice == "uvloop":
+            raise RuntimeError(
+                "--loop uvloop: uvloop is not installed (pip install uvloop)"
+            ) from None
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
@@ -44,11 +52,14 @@ async def serve(config: TargetConfig, *, banner: list[str] | None = None) -> Non
     print("sgtarget: stopped", flush=True)
 
 
-def run(config: TargetConfig, *, banner: list[str] | None = None, use_uvloop: bool = True) -> int:
-    loop_name = _loop_factory() if use_uvloop else "asyncio"
-    log.debug("event loop: %s", loop_name)
+def run(config: TargetConfig, *, banner: list[str] | None = None, loop: str = "auto") -> int:
     try:
-        asyncio.run(serve(config, banner=banner))
+        loop_name = _use_loop(loop)
+    except RuntimeError as exc:
+        print(f"sgtarget: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config, banner=[*(banner or []), f"  event loop: {loop_name}"]))
     except OSError as exc:
         print(f"sgtarget: error: {exc}", file=sys.stderr)
         return 1

@@ -51,6 +51,21 @@ def test_write_read_back_and_discard(store: ProtectionStore) -> None:
     assert read(store, 10, 2) == tuples[:8] + ESCAPE
 
 
+def test_cached_sidecar_tuples_are_read_without_blocking(tmp_path: Path) -> None:
+    store = FileProtection(str(tmp_path / "n.pi"), 4096, 1)
+    try:
+        tuples = bytes(range(16, 40))
+        store.write(100, [memoryview(tuples)])  # just written: in the page cache
+        buf = bytearray(len(tuples))
+        assert store.read_nowait(100, [memoryview(buf)])
+        assert buf == tuples
+        with pytest.raises(BackstoreError, match="out of range"):
+            store.read_nowait(4095, [memoryview(bytearray(16))])
+    finally:
+        store.close()
+    assert not MemoryProtection(8, 1).read_nowait(0, [memoryview(bytearray(8))])
+
+
 def test_format_resets_every_tuple_and_sets_the_type(store: ProtectionStore) -> None:
     store.write(0, [memoryview(bytes(8 * 600))])
     store.format(3)

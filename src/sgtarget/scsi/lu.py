@@ -634,6 +634,13 @@ class LogicalUnit:
     async def _read_pi(self, lba: int, nblocks: int) -> bytearray:
         """The stored tuples of ``nblocks`` from ``lba``."""
         pi = bytearray(nblocks * dif.TUPLE_SIZE)
+        store = self.protection
+        if store is not None and store.blocking:
+            try:
+                if store.read_nowait(lba, [memoryview(pi)]):
+                    return pi
+            except BackstoreError:
+                pass  # the blocking read below reports it
         await self._pi_io("read", lba, [memoryview(pi)])
         return pi
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from sgtarget.backstores.file import FileBackstore
+from sgtarget.datapath.dif import generate
 from sgtarget.ring.abi import TmrType
 from sgtarget.ring.handler import HandlerConfig, load_handler
 from sgtarget.ring.shm import Doorbell, SharedMemory
@@ -55,7 +56,14 @@ def pattern(n: int, seed: int) -> bytes:
 class Ring:
     """The target's side of one worker: ring, data area, doorbells, lifeline, the process."""
 
-    def __init__(self, image: Path, handler: str, params: dict[str, str], threads: int) -> None:
+    def __init__(
+        self,
+        image: Path,
+        handler: str,
+        params: dict[str, str],
+        threads: int,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.ring_mem = SharedMemory.create("test-ring", DATA_OFF)
         self.data_mem = SharedMemory.create("test-data", DATA_SIZE)
         self.target = RingTarget(self.ring_mem.buf, data_off=DATA_OFF)
@@ -74,6 +82,7 @@ class Ring:
             *(a for k, v in params.items() for a in ("--param", f"{k}={v}")),
             *("--size", str(IMAGE), "--block-size", str(BS)),
             *("--lifeline-fd", str(life_r), "--threads", str(threads)),
+            *extra,
         ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]))
         try:
@@ -95,8 +104,13 @@ class Ring:
         """An iovec of the data area at ``offset`` within it."""
         return (DATA_OFF + offset, length)
 
-    def submit(self, cdb: bytes, iovs: Sequence[tuple[int, int]] = ()) -> int:
-        cmd_id = self.target.submit(cdb, iovs)
+    def submit(
+        self,
+        cdb: bytes,
+        iovs: Sequence[tuple[int, int]] = (),
+        dif_iovs: Sequence[tuple[int, int]] = (),
+    ) -> int:
+        cmd_id = self.target.submit(cdb, iovs, dif_iovs=dif_iovs)
         self.kick.ring()
         return cmd_id
 
@@ -117,8 +131,13 @@ class Ring:
         assert len(out) == n, out
         return out
 
-    def run(self, cdb: bytes, iovs: Sequence[tuple[int, int]] = ()) -> Completion:
-        cmd_id = self.submit(cdb, iovs)
+    def run(
+        self,
+        cdb: bytes,
+        iovs: Sequence[tuple[int, int]] = (),
+        dif_iovs: Sequence[tuple[int, int]] = (),
+    ) -> Completion:
+        cmd_id = self.submit(cdb, iovs, dif_iovs)
         (c,) = self.reap(1)
         assert c.cmd_id == cmd_id
         return c
@@ -160,8 +179,14 @@ def image(tmp_path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def worker(image: Path, handler: str = "file", threads: int = 4, **params: str) -> Iterator[Ring]:
-    ring = Ring(image, handler, {"path": str(image), **params}, threads)
+def worker(
+    image: Path,
+    handler: str = "file",
+    threads: int = 4,
+    extra: Sequence[str] = (),
+    **params: str,
+) -> Iterator[Ring]:
+    ring = Ring(image, handler, {"path": str(image), **params}, threads, extra)
     try:
         yield ring
     finally:
@@ -419,3 +444,72 @@ def test_a_non_blocking_handler_runs_its_batch_inline(image: Path) -> None:
         assert file_handler.blocking is True
     finally:
         file_handler.close()
+
+
+# ---- protection information (dif iovecs) ---------------------------------------------------
+
+
+def sidecar(image: Path) -> bytes:
+    """The tuples in the image's PI sidecar, in wire form (it stores them inverted)."""
+    return bytes(255 - b for b in (image.parent / (image.name + ".pi")).read_bytes())
+
+
+def tuples_for(data: bytes, lba: int) -> bytes:
+    return generate(data, BS, ref_tag=lba)
+
+
+def test_dif_iovecs_reach_a_pi_aware_handler(image: Path) -> None:
+    """The file handler with --pi stores the tuples in PATH.pi and reads them back; UNMAP and
+    FORMAT UNIT make them escape."""
+    data = pattern(8 * BS, 5)
+    pi = tuples_for(data, 16)
+    with worker(image, extra=("--pi", "1")) as w:
+        w.data[0 : len(data)] = data
+        w.data[65536 : 65536 + 64] = pi
+        c = w.run(write16(16, 8), [w.iov(0, 3000), w.iov(3000, len(data) - 3000)],
+                  [w.iov(65536, 24), w.iov(65536 + 24, 40)])  # fmt: skip
+        assert (c.status, c.sense) == (0, b"")
+        assert image.read_bytes()[16 * BS : 24 * BS] == data
+        assert sidecar(image)[16 * 8 : 24 * 8] == pi
+        assert sidecar(image)[: 16 * 8] == b"\xff" * 128  # never written: escape
+
+        w.data[0 : 2 * len(data)] = bytes(2 * len(data))
+        c = w.run(read16(16, 8), [w.iov(4096, len(data))], [w.iov(131072, 64)])
+        assert (c.status, c.read_len) == (0, None)
+        assert bytes(w.data[4096 : 4096 + len(data)]) == data
+        assert bytes(w.data[131072 : 131072 + 64]) == pi
+
+        assert w.run(cdb16(0x93, 16, 4, byte1=0x09)).status == 0  # WRITE SAME UNMAP NDOB
+        assert sidecar(image)[16 * 8 : 24 * 8] == b"\xff" * 32 + pi[32:]
+        assert w.run(bytes([0x04, 0x80, 0, 0, 0, 0])).status == 0  # FORMAT UNIT
+        assert sidecar(image) == b"\xff" * (IMAGE // BS * 8)
+        assert image.read_bytes()[20 * BS : 24 * BS] == data[4 * BS :]  # user data stays
+
+
+def test_dif_iovecs_too_short_or_on_other_commands_are_invalid_field(image: Path) -> None:
+    with worker(image, extra=("--pi", "1")) as w:
+        c = w.run(write16(0, 2), [w.iov(0, 2 * BS)], [w.iov(65536, 8)])  # one tuple of two
+        assert (c.status, c.sense) == (2, sense(5, 0x24, 0))
+        c = w.run(cdb16(0x91, 0, 0), (), [w.iov(65536, 8)])  # SYNCHRONIZE CACHE with tuples
+        assert (c.status, c.sense) == (2, sense(5, 0x24, 0))
+
+
+def test_dif_iovecs_are_refused_for_a_handler_without_pi(image: Path) -> None:
+    with worker(image) as w:
+        w.data[0:BS] = b"\x33" * BS
+        c = w.run(write16(0, 1), [w.iov(0, BS)], [w.iov(65536, 8)])
+        assert (c.status, c.sense) == (2, sense(5, 0x24, 0))
+        assert image.read_bytes()[:BS] == bytes(BS)  # never reached the handler
+        assert w.run(write16(0, 1), [w.iov(0, BS)]).status == 0  # and it keeps serving
+        assert w.run(bytes([0x04, 0, 0, 0, 0, 0])).unknown_op  # FORMAT UNIT: not its business
+
+
+def test_a_handler_that_cannot_store_pi_does_not_start_with_pi(image: Path) -> None:
+    w = Ring(image, "null", {}, 4, ("--pi", "1"))
+    try:
+        assert w.wait_exit(TIMEOUT) == 1
+        err = w.stderr()
+        assert "cannot open handler null: it does not store protection information" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        w.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import mmap
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from sgtarget.datapath.bounce import ConsumerLimits
 
@@ -59,6 +59,19 @@ class BackstoreIO(Protocol):
     async def mapped_extents(self, offset: int, length: int) -> Extents: ...
 
 
+@runtime_checkable
+class PiBackstoreIO(BackstoreIO, Protocol):
+    """``BackstoreIO`` of a backstore that stores protection information itself, carried with
+    the data in one operation (``Backstore.pi_with_data``: a ring LUN with ``handler_pi=1``).
+
+    ``pi_bufs`` holds the tuples (8 bytes per block, wire form) of the whole blocks in
+    ``bufs``; ``offset`` and the lengths are whole blocks.
+    """
+
+    async def readv_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int: ...
+    async def writev_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int: ...
+
+
 class Backstore(abc.ABC):
     """Fixed-size byte-addressed storage."""
 
@@ -74,6 +87,10 @@ class Backstore(abc.ABC):
     #: Protection information beside the data (``pi=``, backstores/pi.py), or ``None``: the
     #: LUN has no PI and cannot be formatted with it.
     protection: ProtectionStore | None = None
+    #: True: the tuples are not the target's to keep. ``io()`` is a ``PiBackstoreIO`` and the
+    #: SCSI layer moves every block's tuples with its data (``readv_pi``/``writev_pi``)
+    #: instead of through ``protection``, which then only carries the format (``ptype``).
+    pi_with_data: bool = False
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -25,6 +25,28 @@ The three data modes differ in what memory the handler sees (``--data-fd``):
 Views outside the arena (the caller's own bytes, read-only buffers) are staged through pool
 blocks in zerocopy and isolated mode (``ring-stage`` copies).
 
+Protection information (``pi=1|2|3``) has two homes:
+
+- by default the target keeps it: ``protection`` is the sidecar ``inner`` opened, the LU
+  splits, checks, generates and stores tuples, and handlers see only the data -- so every
+  handler serves PI LUNs without knowing of PI (TCMU's ``iov_dif_cnt`` stays 0);
+- ``handler_pi=1``: the handler stores the tuples (it must be PI-aware, ``Handler.protection``;
+  one that is not exits at start with an error line, and the supervisor's failing-slot rule
+  then makes the LUN answer MEDIUM ERROR). ``pi_with_data`` is set and ``RingIO`` is a
+  ``PiBackstoreIO``: ``readv_pi``/``writev_pi`` send READ(16)/WRITE(16) whose tuple buffer
+  travels as the same command's dif iovecs, mapped like the data in every mode (data-area
+  blocks in copy mode; pool views, or staged through pool blocks, in zerocopy mode; the
+  window in isolated mode). The LU still splits, checks before writing, generates for
+  protect 0 and checks what it reads; only where tuples are stored moves. ``protection`` is a
+  ``RingProtection``: it holds the format type (the target answers READ CAPACITY, INQUIRY
+  ...), its ``discard`` does nothing because the handler gives escape tuples to what it
+  unmaps (WRITE SAME(16) UNMAP reaches it as before), and ``format`` sends FORMAT UNIT, which
+  a PI-aware handler answers by making every tuple escape. The target still creates (or
+  checks) the sidecar ``PATH.pi`` when it builds a ``file`` LUN, and keeps it open, but never
+  reads or writes it: the handler process opens it (``handler.open_file``). The built-in
+  ``file`` handler is PI-aware; ``direct=1`` is refused with ``handler_pi=1`` (the split data
+  pieces sit between tuples, not on O_DIRECT's alignment, and a handler gets no bounce).
+
 Hostile-handler safety on this side: each command's buffers and lengths are this module's own
 records; from a ``Completion`` only status, sense and read_len are used; a READ with
 ``read_len`` short of its length gets the rest of the caller's buffers zeroed. A handler that
@@ -55,6 +77,7 @@ from sgtarget.backstores.base import (
     Extents,
     Runner,
 )
+from sgtarget.backstores.pi import TUPLE_SIZE, ProtectionStore
 from sgtarget.datapath.mapping import MapDirection, Mapped, WindowFull, WindowMapping
 from sgtarget.datapath.pool import Pool
 from sgtarget.datapath.sglist import ScatterList
@@ -82,6 +105,8 @@ RING_KEYS: Mapping[str, str] = {
     "handlers": "how many handler processes (default 1)",
     "handler_timeout": "seconds a command may take before its handler is killed and restarted "
     "(default 30, 0 = off; off by default with handler=zerocopy)",
+    "handler_pi": "1: the handler process stores the T10 PI tuples (needs pi= and a PI-aware "
+    "handler); 0 (default): the target keeps them and handlers see only data",
     "handler_threads": "threads per handler process (default 0: commands run one after another "
     "in the process's loop, the cheapest for page-cache files; more for media that need a "
     "queue depth per process)",
@@ -114,6 +139,9 @@ SYNCHRONIZE_CACHE_16 = 0x91
 WRITE_SAME_16 = 0x93
 SERVICE_ACTION_IN_16 = 0x9E
 GET_LBA_STATUS = 0x12
+FORMAT_UNIT = 0x04
+#: FORMAT UNIT byte 1, FMTPINFO = 10b: formatted with protection information.
+_FMTPINFO_PI = 0x80
 _UNMAP_NDOB = 0x08 | 0x01
 _GOOD = 0x00
 _CHECK_CONDITION = 0x02
@@ -135,6 +163,8 @@ class RingOptions:
     ring_size: int = DEFAULT_CMDR_SIZE
     #: Threads per handler process; 0: commands run in its loop; ``None``: the worker's default.
     threads: int | None = None
+    #: The handler stores the PI tuples (``handler_pi=1``; the module docstring).
+    handler_pi: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -174,6 +204,14 @@ def pop_ring_options(kind: str, params: dict[str, str]) -> RingOptions | None:
         )
     handlers = _count(raw, "handlers", 1)
     threads = _count(raw, "handler_threads", 0)
+    handler_pi = raw.get("handler_pi", "0")
+    if handler_pi not in ("0", "1"):
+        raise ValueError(f"handler_pi={handler_pi!r} is not 0 or 1")
+    if handler_pi == "1":
+        if "pi" not in params:
+            raise ValueError("handler_pi=1 needs pi=1|2|3 (the LUN has no protection information)")
+        if params.get("direct", "0").lower() not in ("0", "no", "false"):
+            raise ValueError("handler_pi=1 cannot be combined with direct=1")
     timeout: float | None = None
     if "handler_timeout" in raw:
         text = raw["handler_timeout"]
@@ -183,7 +221,13 @@ def pop_ring_options(kind: str, params: dict[str, str]) -> RingOptions | None:
             raise ValueError(f"handler_timeout={text!r} is not a number of seconds") from None
         if not 0 <= timeout < 1e6:  # also refuses nan and inf
             raise ValueError(f"handler_timeout={text!r} is not 0 (off) or positive seconds")
-    return RingOptions(mode=mode, handlers=handlers, timeout=timeout, threads=threads)
+    return RingOptions(
+        mode=mode,
+        handlers=handlers,
+        timeout=timeout,
+        threads=threads,
+        handler_pi=handler_pi == "1",
+    )
 
 
 def _count(raw: Mapping[str, str], key: str, default: int) -> int:
@@ -286,6 +330,42 @@ def _address(view: memoryview, offset: int = 0) -> int:
         del c
 
 
+def _split(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
+    """``views`` cut after ``n`` bytes: the first ``n`` bytes and the rest."""
+    head: list[memoryview] = []
+    tail: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            head.append(v)
+            n -= len(v)
+        elif n > 0:
+            head.append(v[:n])
+            tail.append(v[n:])
+            n = 0
+        else:
+            tail.append(v)
+    return head, tail
+
+
+def _split_iovs(
+    iovs: Sequence[tuple[int, int]], n: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Iovecs cut after ``n`` bytes: the data iovecs and the dif iovecs after them."""
+    head: list[tuple[int, int]] = []
+    tail: list[tuple[int, int]] = []
+    for off, ln in iovs:
+        if n >= ln:
+            head.append((off, ln))
+            n -= ln
+        elif n > 0:
+            head.append((off, n))
+            tail.append((off + n, ln - n))
+            n = 0
+        else:
+            tail.append((off, ln))
+    return head, tail
+
+
 def _chunks(views: Sequence[memoryview], limit: int) -> list[list[memoryview]]:
     """``views`` cut into runs of at most ``limit`` bytes (slicing views at the cuts)."""
     out: list[list[memoryview]] = [[]]
@@ -318,7 +398,10 @@ class RingBackstore(Backstore):
         inner: Backstore | None = None,
         block_size: int = 512,
         name: str = "lun",
+        pi: int = 0,
     ) -> None:
+        """``pi``: the protection type of a ``handler_pi`` LUN built without ``inner`` (with
+        one, its ``protection`` says)."""
         if size <= 0 or size % block_size:
             raise ValueError(f"ring: size {size} is not a positive multiple of {block_size}")
         super().__init__(size)
@@ -329,12 +412,24 @@ class RingBackstore(Backstore):
         self.inner = inner
         if inner is not None:
             self.limits = inner.limits
-            # PI stays in the target process (the sidecar ``inner`` opened): the LU splits,
-            # checks, generates and stores tuples, and handlers see only the data, so every
-            # handler serves PI LUNs without knowing of PI (TCMU's iov_dif_cnt stays 0).
+            # By default PI stays in the target process (the sidecar ``inner`` opened).
             self.protection = inner.protection
+            if inner.protection is not None:
+                pi = inner.protection.ptype
+        if options.handler_pi:
+            if not pi:
+                raise ValueError("handler_pi=1 needs pi=1|2|3 (the LUN has no protection)")
+            # The handler stores the tuples: the target keeps only the format.
+            self.protection = RingProtection(self, size // block_size, pi)
+            self.pi_with_data = True
+            self.limits = None  # every mode takes any views (copied, staged or mapped)
         self.handler_command = HandlerCommand(
-            handler, dict(params), size, block_size=block_size, threads=options.threads
+            handler,
+            dict(params),
+            size,
+            block_size=block_size,
+            threads=options.threads,
+            protection=pi if options.handler_pi else 0,
         )
         self.name = name
         self.supervisor: Supervisor | None = None
@@ -497,20 +592,31 @@ class RingBackstore(Backstore):
             raise BackstoreBusy(f"{self.name}: ring backstore closing")
         return sup
 
-    async def command(self, cdb: bytes, views: Sequence[memoryview], *, read: bool) -> int:
-        """Run one command with ``views`` as its data buffer (data-in if ``read``); returns
-        the bytes of data the handler produced (``read_len``, at most the buffer's length)."""
+    async def command(
+        self,
+        cdb: bytes,
+        views: Sequence[memoryview],
+        *,
+        read: bool,
+        pi: Sequence[memoryview] = (),
+    ) -> int:
+        """Run one command with ``views`` as its data buffer (data-in if ``read``) and ``pi``
+        as its protection information buffer (dif iovecs, same direction); returns the bytes
+        of data the handler produced (``read_len``, at most the buffer's length)."""
         sup = self._supervisor()
         views = [v for v in (_bytes(v) for v in views) if len(v)]
+        pi_views = [v for v in (_bytes(v) for v in pi) if len(v)]
         for attempt in range(len(sup.slots) + 1):
             worker = await sup.acquire()
             try:
-                if not views:
+                if not views and not pi_views:
                     self._check(await sup.execute(worker, cdb, ()), 0, cdb)
                     return 0
                 if self.options.mode == "copy":
-                    return await self._via_data_area(sup, worker, cdb, views, read)
-                return await self._via_arena(sup, worker, cdb, views, read)
+                    return await self._via_data_area(
+                        sup, worker, cdb, views, read=read, pi=pi_views
+                    )
+                return await self._via_arena(sup, worker, cdb, views, read=read, pi=pi_views)
             except NotSubmitted:
                 # Its process died while the command waited for room: nothing ran, so it
                 # may go to another (or the restarted) process, a bounded number of times.
@@ -547,7 +653,9 @@ class RingBackstore(Backstore):
         worker: Worker,
         cdb: bytes,
         views: list[memoryview],
+        *,
         read: bool,
+        pi: list[memoryview],
     ) -> int:
         area = worker.area
         assert isinstance(area, _Area)
@@ -556,20 +664,24 @@ class RingBackstore(Backstore):
         pool = self._pool
         assert pool is not None
         n = sum(len(v) for v in views)
+        total = n + sum(len(v) for v in pi)  # data, then its tuples, in one allocation
         area.hold()
         extents: list[Extent] = []
         try:
-            extents = await self._room_for(worker, lambda: data.alloc(n))
+            extents = await self._room_for(worker, lambda: data.alloc(total))
             dst = data.views(extents)
             if read:
                 _zero_from(dst, 0)  # blocks may hold an earlier command's bytes
             else:
-                pool.stats.add_copy(COPY_REASON, IN, _copy(views, dst))
+                pool.stats.add_copy(COPY_REASON, IN, _copy([*views, *pi], dst))
             iovs = [(worker.data_off + off, ln) for off, ln in extents]
-            got = self._check(await sup.execute(worker, cdb, iovs), n, cdb)
+            data_iovs, dif_iovs = _split_iovs(iovs, n)
+            got = self._check(await sup.execute(worker, cdb, data_iovs, dif_iovs), n, cdb)
             if read:
-                src = _prefix(data.views(extents), got)  # only what the handler produced
-                pool.stats.add_copy(COPY_REASON, OUT, _copy(src, views))
+                head, tail = _split(data.views(extents), n)
+                src = _prefix(head, got)  # only what the handler produced
+                copied = _copy(src, views) + (_copy(tail, pi) if pi else 0)
+                pool.stats.add_copy(COPY_REASON, OUT, copied)
                 _zero_from(views, got)
             return got
         finally:
@@ -602,7 +714,9 @@ class RingBackstore(Backstore):
         worker: Worker,
         cdb: bytes,
         views: list[memoryview],
+        *,
         read: bool,
+        pi: list[memoryview],
     ) -> int:
         pool = self._pool
         assert pool is not None
@@ -613,7 +727,8 @@ class RingBackstore(Backstore):
         area.hold()
         mapped: Mapped | None = None
         try:
-            segs = self._arena_segments(pool, views, staged, read)
+            # Data, then its tuples: one list of segments, cut into data and dif iovecs.
+            segs = self._arena_segments(pool, [*views, *pi], staged, read)
             window = area.window
             if window is None:  # zerocopy: the arena is the data area
                 if read:
@@ -631,14 +746,15 @@ class RingBackstore(Backstore):
 
                 mapped = await self._room_for(worker, attempt)
                 iovs = [(worker.data_off + off, ln) for off, ln in mapped.entries]
-            got = self._check(await sup.execute(worker, cdb, iovs), n, cdb)
+            data_iovs, dif_iovs = _split_iovs(iovs, n)
+            got = self._check(await sup.execute(worker, cdb, data_iovs, dif_iovs), n, cdb)
             if mapped is not None:
                 assert window is not None
                 window.unmap(mapped)  # copies a READ's data back into the arena
                 mapped = None
                 self._freed()
             if read:
-                self._zero_segments(segs, got)
+                self._zero_segments(segs, got, n)
                 for sg, view in staged:
                     pool.stats.add_copy(STAGE_REASON, OUT, _copy(sg.views(), [view]))
             return got
@@ -685,12 +801,13 @@ class RingBackstore(Backstore):
                     segs.append((off, ln))
         return segs
 
-    def _zero_segments(self, segs: list[tuple[int, int]], start: int) -> None:
+    def _zero_segments(self, segs: list[tuple[int, int]], start: int, end: int) -> None:
+        """Zero bytes ``[start, end)`` of the segments' concatenation."""
         pos = 0
         for off, ln in segs:
-            if pos + ln > start:
-                cut = max(0, start - pos)
-                ctypes.memset(self._arena_addr + off + cut, 0, ln - cut)
+            lo, hi = max(start, pos), min(end, pos + ln)
+            if lo < hi:
+                ctypes.memset(self._arena_addr + off + lo - pos, 0, hi - lo)
             pos += ln
 
     def _range(self, what: str, offset: int, length: int) -> None:
@@ -720,6 +837,51 @@ class RingBackstore(Backstore):
         raise BackstoreError(f"{self.name}: handler status 0x{status:02x} for {op}")
 
 
+class RingProtection(ProtectionStore):
+    """The protection format of a ``handler_pi=1`` LUN, whose tuples the handler stores.
+
+    Tuples travel with the data (``RingIO.readv_pi``/``writev_pi``), so ``read`` and
+    ``write`` refuse; ``discard`` does nothing because the handler gives escape tuples to
+    what it unmaps (the WRITE SAME(16) UNMAP that deallocated the range); ``format`` sends
+    FORMAT UNIT to the handler, then records the new type, which the target reports.
+    """
+
+    blocking = True  # ``format`` is a round trip onto the ring's loop
+
+    def __init__(self, backstore: RingBackstore, nblocks: int, ptype: int) -> None:
+        super().__init__(nblocks, ptype)
+        self._backstore = backstore
+
+    def _elsewhere(self) -> BackstoreError:
+        return BackstoreError(
+            f"{self._backstore.name}: the handler stores the tuples; they travel with the data"
+        )
+
+    def read(self, lba: int, bufs: Buffers) -> None:
+        raise self._elsewhere()
+
+    def write(self, lba: int, bufs: Buffers) -> None:
+        raise self._elsewhere()
+
+    def discard(self, lba: int, nblocks: int) -> None:
+        self._check(lba, nblocks * TUPLE_SIZE)  # the handler's unmap did it
+
+    def format(self, ptype: int) -> None:
+        if ptype not in (0, 1, 2, 3):
+            raise ValueError(f"protection type {ptype} is not 0, 1, 2 or 3")
+        self._backstore._blocking(self._backstore._aio.format_pi(ptype))
+        self.ptype = ptype
+
+    def _read_raw(self, offset: int, bufs: Buffers) -> None:
+        raise self._elsewhere()
+
+    def _write_raw(self, offset: int, data: bytes) -> None:
+        raise self._elsewhere()
+
+    def _zero_raw(self, offset: int, length: int) -> None:
+        raise self._elsewhere()
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -742,21 +904,49 @@ class RingIO:
     async def writev(self, offset: int, bufs: Buffers) -> int:
         return await self._transfer(WRITE_16, offset, bufs)
 
-    async def _transfer(self, op: int, offset: int, bufs: Buffers) -> int:
-        """READ(16)s or WRITE(16)s of at most ``MAX_CMD_BYTES`` each, one after another."""
+    async def readv_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int:
+        """READ(16)s that also fill ``pi_bufs`` with the blocks' tuples (dif iovecs)."""
+        return await self._transfer(READ_16, offset, bufs, pi_bufs)
+
+    async def writev_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int:
+        """WRITE(16)s that carry ``pi_bufs``, the blocks' tuples, as dif iovecs."""
+        return await self._transfer(WRITE_16, offset, bufs, pi_bufs)
+
+    async def format_pi(self, ptype: int) -> None:
+        """FORMAT UNIT (no parameter list) to one handler process: every tuple escape.
+
+        FMTPINFO says whether the new format has PI; the type stays the target's (the
+        handler stores tuples whatever it is)."""
+        cdb = bytes([FORMAT_UNIT, _FMTPINFO_PI if ptype else 0, 0, 0, 0, 0])
+        await self._bs.command(cdb, (), read=False)
+
+    async def _transfer(
+        self, op: int, offset: int, bufs: Buffers, pi_bufs: Buffers | None = None
+    ) -> int:
+        """READ(16)s or WRITE(16)s of at most ``MAX_CMD_BYTES`` each, one after another;
+        with ``pi_bufs`` each carries its blocks' tuples as dif iovecs."""
         bs_ = self._bs
         read = op == READ_16
         views = [_bytes(b) for b in bufs]
         total = sum(len(v) for v in views)
         bs_._range("read" if read else "write", offset, total)
         bs = bs_.block_size
+        tuples: list[memoryview] = []
+        if pi_bufs is not None:
+            tuples = [_bytes(b) for b in pi_bufs]
+            want = total // bs * TUPLE_SIZE
+            if sum(len(t) for t in tuples) != want:
+                raise BackstoreError(f"{bs_.name}: {want} bytes of tuples expected")
         pos = offset
         for chunk in _chunks(views, MAX_CMD_BYTES):
             n = sum(len(v) for v in chunk)
             if not n:
                 continue
+            pi: list[memoryview] = []
+            if pi_bufs is not None:
+                pi, tuples = _split(tuples, n // bs * TUPLE_SIZE)
             cdb = _RW16.pack(op, 0, pos // bs, n // bs, 0, 0)
-            got = await bs_.command(cdb, chunk, read=read)
+            got = await bs_.command(cdb, chunk, read=read, pi=pi)
             if read and got < n:
                 _zero_from(chunk, got)  # never leave stale bytes (the mode zeroed already)
             pos += n

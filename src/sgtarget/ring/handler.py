@@ -11,6 +11,20 @@ operations on byte offsets and lists of buffers (views of the shared map):
   ``mapped_extents`` (everything mapped), ``write_same`` (the block repeated through
   ``write``), ``compare_and_write`` (``read``, compare, ``write``).
 
+Protection information (TCMU's ``iov_dif_cnt``): a handler that stores T10 PI tuples itself sets
+``protection = True`` (class or instance, by the end of ``open``) and implements
+``read_pi(offset, bufs, pi_bufs)`` / ``write_pi(offset, bufs, pi_bufs)`` (``pi_bufs``: the 8-byte
+tuples of the blocks in ``bufs``, as on the wire; the target has checked what it writes and
+checks what it reads) and ``discard_pi(offset, length)`` (the range's tuples become the escape
+value, all 0xFF, as never written). A READ(16)/WRITE(16) with dif iovecs goes to ``read_pi``/
+``write_pi``; WRITE SAME(16) UNMAP calls ``unmap`` then ``discard_pi``; FORMAT UNIT (no
+parameter list; the target keeps the format type itself) calls ``discard_pi`` over the whole
+medium. ``config.protection`` is the type the LUN was created with (0: the target keeps PI or
+there is none). A worker refuses dif iovecs for a handler that is not PI-aware (INVALID FIELD IN
+CDB), and a handler asked to store PI (``--pi``, the LUN's ``handler_pi=1``) that is not
+PI-aware does not start. A PI-aware handler that overrides ``handle_cmd`` takes the tuples
+as a fourth argument, ``pi_bufs`` (passed only when the command has dif iovecs).
+
 Or it overrides ``handle_cmd(cdb, bufs, bidi_bufs)`` to see raw CDBs; the default decodes the
 CDB and calls the block operations. Commands decoded (SBC-4), the ones the target sends through
 a ring plus those a kernel's TCMU ring would pass for plain block I/O:
@@ -26,6 +40,7 @@ WRITE SAME(16)              UNMAP + NDOB: ``unmap``; UNMAP with a block of zeros
 GET LBA STATUS(16)          ``mapped_extents`` answered as SBC-4 LBA status descriptors
 COMPARE AND WRITE           ``compare_and_write``; a mismatch is MISCOMPARE with the offset of
                             the first differing byte in INFORMATION
+FORMAT UNIT                 ``discard_pi`` of the whole medium (PI-aware handlers only)
 ==========================  ====================================================================
 
 Errors become CHECK CONDITION with fixed-format sense (18 bytes), in ``execute``:
@@ -40,7 +55,9 @@ handler that cannot take that sets ``concurrent = False`` and gets one command a
 
 ``BackstoreHandler`` adapts any ``sgtarget.backstores.base.Backstore``; the built-in handler
 names are ``file`` (params ``path``, ``direct``, ``readonly``; the file is opened without the
-target's exclusive lock, which the target process holds for the LUN) and ``null``. Any other
+target's exclusive lock, which the target process holds for the LUN; PI-aware: with
+``config.protection`` it opens the LUN's sidecar ``PATH.pi`` and stores tuples there, as the
+target's own ``file`` LUN does) and ``null``. Any other
 name is ``MODULE:CLASS``, a ``Handler`` subclass constructed without arguments.
 """
 
@@ -57,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError
+from sgtarget.backstores.pi import ProtectionStore
 from sgtarget.scsi.lbastatus import (
     LBA_STATUS_DESC,
     LBA_STATUS_HDR,
@@ -116,8 +134,13 @@ class Opcode(enum.IntEnum):
     SYNCHRONIZE_CACHE_16 = 0x91
     WRITE_SAME_16 = 0x93
     SERVICE_ACTION_IN_16 = 0x9E
+    FORMAT_UNIT = 0x04
 
 
+#: Bytes of protection information per logical block.
+PI_TUPLE_SIZE = 8
+#: FORMAT UNIT byte 1: FMTDATA (a parameter list follows).
+_FMTDATA = 0x10
 #: SERVICE ACTION IN(16) service action of GET LBA STATUS.
 SA_GET_LBA_STATUS = 0x12
 #: Fixed-format sense: response code, obsolete, key, INFORMATION, additional length,
@@ -130,6 +153,8 @@ _WRITE_SAME_IOVS = 1024
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _BE16 = struct.Struct(">H")
+#: Commands that may carry dif iovecs.
+_PI_OPS = frozenset({Opcode.READ_10, Opcode.READ_16, Opcode.WRITE_10, Opcode.WRITE_16})
 #: Commands whose failure is a read error; every other one's is a write error.
 _READS = frozenset(
     {Opcode.READ_10, Opcode.READ_16, Opcode.PRE_FETCH_16, Opcode.SERVICE_ACTION_IN_16}
@@ -160,6 +185,9 @@ class HandlerConfig:
     size: int
     block_size: int = 512
     params: Mapping[str, str] = field(default_factory=dict)
+    #: The T10 protection type whose tuples the handler stores (``--pi``; the LUN's
+    #: ``handler_pi=1``), 0: none (the target keeps the LUN's PI, if it has any).
+    protection: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -297,6 +325,9 @@ class Handler(abc.ABC):
     #: cheap and never block (null, RAM): the worker runs them in its poll loop, saving two
     #: thread hand-offs per command.
     blocking: bool = True
+    #: True: the handler stores protection information (``read_pi``/``write_pi``/
+    #: ``discard_pi``; the module docstring). Decided by the end of ``open``.
+    protection: bool = False
     config: HandlerConfig
     # COMPARE AND WRITE's read-compare-write runs under this lock, so two of them in one
     # process never interleave (a target serialises it against other writes itself).
@@ -363,18 +394,48 @@ class Handler(abc.ABC):
                 raise Miscompare(diff)
             self.write(offset, write)
 
-    def handle_cmd(self, cdb: bytes, bufs: list[memoryview], bidi_bufs: list[memoryview]) -> Result:
+    def read_pi(self, offset: int, bufs: list[memoryview], pi_bufs: list[memoryview]) -> int | None:
+        """Fill ``bufs`` from ``offset`` and ``pi_bufs`` with their blocks' tuples (PI-aware
+        handlers); bytes of data produced, ``None`` for all of them."""
+        raise _invalid_field()
+
+    def write_pi(self, offset: int, bufs: list[memoryview], pi_bufs: list[memoryview]) -> None:
+        """Store ``bufs`` at ``offset`` and ``pi_bufs`` as their blocks' tuples (PI-aware
+        handlers)."""
+        raise _invalid_field()
+
+    def discard_pi(self, offset: int, length: int) -> None:
+        """Give the blocks of the range the escape tuple, all 0xFF (PI-aware handlers)."""
+        raise _invalid_field()
+
+    def handle_cmd(
+        self,
+        cdb: bytes,
+        bufs: list[memoryview],
+        bidi_bufs: list[memoryview],
+        pi_bufs: list[memoryview] | None = None,
+    ) -> Result:
         """Run one command. The default decodes the CDB and calls the block operations; an
         override sees raw CDBs (and may call this for the ones it leaves alone). It may raise
-        as the block operations do (``execute`` maps exceptions to sense)."""
-        return dispatch(self, cdb, bufs)
+        as the block operations do (``execute`` maps exceptions to sense). ``pi_bufs``: the
+        tuples of a command with dif iovecs (given only then, and only to PI-aware handlers)."""
+        return dispatch(self, cdb, bufs, pi_bufs or ())
 
 
 def execute(
-    handler: Handler, cdb: bytes, bufs: list[memoryview], bidi_bufs: list[memoryview]
+    handler: Handler,
+    cdb: bytes,
+    bufs: list[memoryview],
+    bidi_bufs: list[memoryview],
+    pi_bufs: list[memoryview] | None = None,
 ) -> Result:
-    """``handler.handle_cmd`` with every exception mapped to a completion; never raises."""
+    """``handler.handle_cmd`` with every exception mapped to a completion; never raises.
+
+    ``pi_bufs`` (dif iovecs) reach ``handle_cmd`` only when there are some, so overrides
+    written for handlers without PI keep their three-argument signature."""
     try:
+        if pi_bufs:
+            return handler.handle_cmd(cdb, bufs, bidi_bufs, pi_bufs)
         return handler.handle_cmd(cdb, bufs, bidi_bufs)
     except HandlerError as exc:
         return exc.result()
@@ -433,22 +494,50 @@ def _rw16(cdb: bytes) -> tuple[int, int]:
     return _BE64.unpack_from(cdb, 2)[0], _BE32.unpack_from(cdb, 10)[0]
 
 
-def _read(handler: Handler, lba: int, blocks: int, bufs: Buffers) -> Result:
+def _tuples(handler: Handler, blocks: int, pi_bufs: Buffers) -> list[memoryview]:
+    """The tuples of ``blocks`` blocks from the dif buffers; INVALID FIELD IN CDB for a
+    handler that does not store PI or buffers too short."""
+    if not handler.protection:
+        raise _invalid_field()
+    return _data(pi_bufs, blocks * PI_TUPLE_SIZE)
+
+
+def _read(handler: Handler, lba: int, blocks: int, bufs: Buffers, pi_bufs: Buffers) -> Result:
     offset, length = _range(handler, lba, blocks)
     if not length:
         return GOOD
-    n = handler.read(offset, _data(bufs, length))
+    if pi_bufs:
+        n = handler.read_pi(offset, _data(bufs, length), _tuples(handler, blocks, pi_bufs))
+    else:
+        n = handler.read(offset, _data(bufs, length))
     if n is None or n >= length:
         return GOOD
     return Result(read_len=max(0, n))
 
 
-def _write(handler: Handler, lba: int, blocks: int, bufs: Buffers, fua: bool) -> Result:
+def _write(
+    handler: Handler, lba: int, blocks: int, bufs: Buffers, pi_bufs: Buffers, *, fua: bool
+) -> Result:
     offset, length = _range(handler, lba, blocks)
     if length:
-        handler.write(offset, _data(bufs, length))
+        if pi_bufs:
+            handler.write_pi(offset, _data(bufs, length), _tuples(handler, blocks, pi_bufs))
+        else:
+            handler.write(offset, _data(bufs, length))
         if fua:
             handler.flush()
+    return GOOD
+
+
+def _format_unit(handler: Handler, cdb: bytes) -> Result:
+    """FORMAT UNIT without a parameter list: every tuple back to escape (the target keeps
+    the format type and user data stays); only PI-aware handlers know it."""
+    if not handler.protection:
+        return UNKNOWN_OP
+    _need(cdb, 6)
+    if cdb[1] & _FMTDATA:
+        raise _invalid_field()
+    handler.discard_pi(0, handler.config.num_blocks * handler.config.block_size)
     return GOOD
 
 
@@ -467,6 +556,8 @@ def _write_same(handler: Handler, cdb: bytes, bufs: Buffers) -> Result:
         block = head[0] if len(head) == 1 else memoryview(b"".join(head))
     if unmap and not any(block):
         handler.unmap(offset, length)
+        if handler.protection:  # deallocated blocks read back as never written
+            handler.discard_pi(offset, length)
     else:
         handler.write_same(offset, length, block)
     return GOOD
@@ -502,19 +593,24 @@ def _compare_and_write(handler: Handler, cdb: bytes, bufs: Buffers) -> Result:
     return GOOD
 
 
-def dispatch(handler: Handler, cdb: bytes, bufs: Buffers) -> Result:
-    """Decode ``cdb`` and call ``handler``'s block operations (``Handler.handle_cmd``)."""
+def dispatch(handler: Handler, cdb: bytes, bufs: Buffers, pi_bufs: Buffers = ()) -> Result:
+    """Decode ``cdb`` and call ``handler``'s block operations (``Handler.handle_cmd``);
+    ``pi_bufs`` (dif iovecs) send READ/WRITE to ``read_pi``/``write_pi``."""
     if not cdb:
         return UNKNOWN_OP
     op = cdb[0]
+    if pi_bufs and op not in _PI_OPS:
+        raise _invalid_field()  # tuples only travel with READ and WRITE
     if op == Opcode.READ_16:
-        return _read(handler, *_rw16(cdb), bufs)
+        return _read(handler, *_rw16(cdb), bufs, pi_bufs)
     if op == Opcode.WRITE_16:
-        return _write(handler, *_rw16(cdb), bufs, fua=bool(cdb[1] & 0x08))
+        return _write(handler, *_rw16(cdb), bufs, pi_bufs, fua=bool(cdb[1] & 0x08))
     if op == Opcode.READ_10:
-        return _read(handler, *_rw10(cdb), bufs)
+        return _read(handler, *_rw10(cdb), bufs, pi_bufs)
     if op == Opcode.WRITE_10:
-        return _write(handler, *_rw10(cdb), bufs, fua=bool(cdb[1] & 0x08))
+        return _write(handler, *_rw10(cdb), bufs, pi_bufs, fua=bool(cdb[1] & 0x08))
+    if op == Opcode.FORMAT_UNIT:
+        return _format_unit(handler, cdb)
     if op in (Opcode.SYNCHRONIZE_CACHE_16, Opcode.SYNCHRONIZE_CACHE_10):
         lba, blocks = _rw16(cdb) if op == Opcode.SYNCHRONIZE_CACHE_16 else _rw10(cdb)
         _range(handler, lba, _or_to_end(handler, lba, blocks))
@@ -542,7 +638,8 @@ class BackstoreHandler(Handler):
 
     read/write/flush/prefetch/unmap/mapped_extents go to readv/writev/flush/prefetch/
     discard/mapped_extents; write_same and compare_and_write use the generic defaults. The
-    backstore must be at least ``config.size`` bytes.
+    backstore must be at least ``config.size`` bytes. PI-aware when the backstore has a
+    ``protection`` store: read_pi/write_pi/discard_pi move the data, then the tuples.
     """
 
     def __init__(self, opener: Callable[[HandlerConfig], Backstore]) -> None:
@@ -559,6 +656,7 @@ class BackstoreHandler(Handler):
             )
         self.backstore = backstore
         self.blocking = backstore.blocking
+        self.protection = backstore.protection is not None
 
     def _bs(self) -> Backstore:
         if self.backstore is None:
@@ -587,6 +685,29 @@ class BackstoreHandler(Handler):
 
     def mapped_extents(self, offset: int, length: int) -> Extents:
         return self._bs().mapped_extents(offset, length)
+
+    def _store(self) -> ProtectionStore:
+        store = self._bs().protection
+        if store is None:
+            raise _invalid_field()
+        return store
+
+    def read_pi(self, offset: int, bufs: list[memoryview], pi_bufs: list[memoryview]) -> int | None:
+        store = self._store()
+        n = self._bs().readv(offset, bufs)
+        store.read(offset // self.config.block_size, pi_bufs)
+        return n
+
+    def write_pi(self, offset: int, bufs: list[memoryview], pi_bufs: list[memoryview]) -> None:
+        store = self._store()
+        # Data first, then tuples, like the target's own LUs: the target holds the range
+        # exclusively until both are written, so no reader sees one without the other.
+        self._bs().writev(offset, bufs)
+        store.write(offset // self.config.block_size, pi_bufs)
+
+    def discard_pi(self, offset: int, length: int) -> None:
+        bs = self.config.block_size
+        self._store().discard(offset // bs, length // bs)
 
 
 _BOOLS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
@@ -619,6 +740,8 @@ def open_file(config: HandlerConfig) -> Backstore:
         direct=_flag("file", params, "direct"),
         readonly=_flag("file", params, "readonly"),
         lock=False,
+        block_size=config.block_size,
+        pi=config.protection,  # the sidecar PATH.pi, which the target created
     )
 
 

@@ -103,6 +103,8 @@ class HandlerCommand:
     size: int
     block_size: int = 512
     threads: int | None = None
+    #: The protection type whose tuples the handler stores (``--pi``), 0: none.
+    protection: int = 0
 
     def argv(
         self,
@@ -128,6 +130,8 @@ class HandlerCommand:
         args += ["--lifeline-fd", str(lifeline)]
         if self.threads is not None:
             args += ["--threads", str(self.threads)]
+        if self.protection:
+            args += ["--pi", str(self.protection)]
         return args
 
 
@@ -497,9 +501,14 @@ class Supervisor:
                 await self._wait(self._changed, left)
 
     async def execute(
-        self, worker: Worker, cdb: bytes, iovs: Sequence[tuple[int, int]]
+        self,
+        worker: Worker,
+        cdb: bytes,
+        iovs: Sequence[tuple[int, int]],
+        dif_iovs: Sequence[tuple[int, int]] = (),
     ) -> Completion:
         """Submit one command to ``worker``, ring its kick doorbell, await its completion.
+        ``dif_iovs``: its protection information buffer (TCMU's iov_dif_cnt).
 
         ``BackstoreBusy`` if the process dies first (raised only once it is gone). If the
         caller is cancelled, this still waits for the completion or the death, because the
@@ -512,7 +521,7 @@ class Supervisor:
             if worker.state is not State.LIVE:
                 raise NotSubmitted(f"{self.name}: handler process {worker.pid} is gone")
             try:
-                cmd_id = worker.target.submit(cdb, iovs)
+                cmd_id = worker.target.submit(cdb, iovs, dif_iovs=dif_iovs)
                 break
             except RingFull:
                 self.stats.ring_full_waits += 1

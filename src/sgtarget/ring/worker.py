@@ -4,7 +4,7 @@
 
     python -m sgtarget.ring.worker --ring-fd FD --ring-size BYTES --data-fd FD --data-size BYTES
         --data-off BYTES --kick-fd FD --done-fd FD --handler NAME [--param KEY=VALUE ...]
-        --size BYTES --block-size 512 --lifeline-fd FD [--threads N]
+        --size BYTES --block-size 512 --lifeline-fd FD [--threads N] [--pi TYPE]
 
 The fds are inherited from the target (``pass_fds``): two memfds (the ring: mailbox and
 command ring; the data area), two eventfds (kick: target -> handler, done: handler -> target)
@@ -29,6 +29,12 @@ the loop, in batches with one ring per batch.
 A command's buffers are views of the shared map (``SharedMap.views``); an iovec outside the data
 area is the target's mistake and completes CHECK CONDITION / INVALID FIELD IN CDB (05/24/00)
 without the handler seeing it. Views are released when the command completes.
+
+Protection information: dif iovecs (``iov_dif_cnt``) are mapped like the data and given to a
+PI-aware handler (``Handler.protection``) as ``pi_bufs``; for any other handler the command
+completes INVALID FIELD IN CDB without reaching it. ``--pi TYPE`` (the LUN's ``handler_pi=1``)
+asks the handler to store the tuples of a LUN of that protection type: a handler that is not
+PI-aware after ``open`` is closed and the process exits 1 with one error line saying so.
 
 Task management (``TmrNotice``: ABORT TASK, LUN RESET, ...) is logged at debug level and
 otherwise ignored: commands already fetched run to the end and complete normally, as a kernel's
@@ -273,22 +279,36 @@ class Worker:
     def _execute(self, req: Request) -> Result:
         bufs: list[memoryview] = []
         bidi: list[memoryview] = []
+        pi: list[memoryview] = []
         try:
-            if not (self._views(req.iovs, bufs) and self._views(req.bidi_iovs, bidi)):
+            if req.dif_iovs and not self._handler.protection:
                 log.warning(
-                    "cmd_id %d (CDB %s): iovecs %s / %s outside the data area",
+                    "cmd_id %d (CDB %s): protection information for a handler that does not "
+                    "store it",
+                    req.cmd_id,
+                    req.cdb.hex(),
+                )
+                return BAD_IOV
+            if not (
+                self._views(req.iovs, bufs)
+                and self._views(req.bidi_iovs, bidi)
+                and self._views(req.dif_iovs, pi)
+            ):
+                log.warning(
+                    "cmd_id %d (CDB %s): iovecs %s / %s / %s outside the data area",
                     req.cmd_id,
                     req.cdb.hex(),
                     req.iovs,
                     req.bidi_iovs,
+                    req.dif_iovs,
                 )
                 return BAD_IOV
             if self._serial is None:
-                return execute(self._handler, req.cdb, bufs, bidi)
+                return execute(self._handler, req.cdb, bufs, bidi, pi)
             with self._serial:
-                return execute(self._handler, req.cdb, bufs, bidi)
+                return execute(self._handler, req.cdb, bufs, bidi, pi)
         finally:
-            for view in (*bufs, *bidi):
+            for view in (*bufs, *bidi, *pi):
                 with contextlib.suppress(BufferError):  # re-exported by the handler: gc'd later
                     view.release()
 
@@ -332,6 +352,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=_nonneg, required=True)
     p.add_argument("--block-size", type=_nonneg, default=512)
     p.add_argument("--threads", type=_nonneg, default=DEFAULT_THREADS)
+    p.add_argument(
+        "--pi",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=0,
+        help="the handler stores the T10 PI tuples of a LUN of this protection type",
+    )
     args = p.parse_args(argv)
     if args.block_size <= 0 or args.size <= 0 or args.size % args.block_size:
         p.error(f"--size {args.size} is not a positive multiple of --block-size {args.block_size}")
@@ -384,11 +411,20 @@ def _serve_maps(args: argparse.Namespace, ring_mem: SharedMemory, data_mem: Shar
     except Exception as exc:
         log.error("unusable ring: %s", exc)
         return EXIT_RING
-    config = HandlerConfig(args.size, args.block_size, args.params)
+    config = HandlerConfig(args.size, args.block_size, args.params, protection=args.pi)
     try:
         handler = open_handler(args.handler, config)
     except Exception as exc:
         log.error("cannot open handler %s: %s", args.handler, exc)
+        return EXIT_START
+    if config.protection and not handler.protection:
+        log.error(
+            "cannot open handler %s: it does not store protection information "
+            "(Handler.protection is False), which handler_pi=1 needs",
+            args.handler,
+        )
+        with contextlib.suppress(Exception):
+            handler.close()
         return EXIT_START
     try:
         worker = Worker(ring, smap, handler, Doorbell.attach(args.done_fd), args.threads)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError
+from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError, PiBackstoreIO
 from sgtarget.datapath import PoolExhausted, ScatterList, bounce, dif
 from sgtarget.scsi.cdb import (
     BlockCdb,
@@ -343,6 +343,15 @@ class LogicalUnit:
         #: Protection information beside the data (``pi=``); ``None``: the LU has no PI and
         #: cannot be formatted with it. Its ``ptype`` (0 when formatted without) is current.
         self.protection = backstore.protection
+        #: Set when the backstore stores the tuples itself and takes them with the data in
+        #: one operation (a ring LUN with ``handler_pi=1``): every read and write of a
+        #: PI-formatted LU then goes through ``readv_pi``/``writev_pi`` instead of the data
+        #: operation followed by ``protection.read``/``write``. The checks stay here.
+        self._pi_data: PiBackstoreIO | None = None
+        if backstore.pi_with_data:
+            if not isinstance(self.io, PiBackstoreIO):
+                raise TypeError(f"{backstore.kind}: pi_with_data without readv_pi/writev_pi")
+            self._pi_data = self.io
         blocking_pi = self.protection is not None and self.protection.blocking
         self._run_pi: BlockingRunner = runner if blocking_pi else run_inline
         self.identity = identity
@@ -576,17 +585,29 @@ class LogicalUnit:
         *,
         check: PiCheck | None = None,
         check_pi: bool = True,
+        pi_out: bytearray | None = None,
     ) -> None:
         """Fill ``sg[0:n]`` from the medium at byte ``offset``.
 
         On a PI-formatted LU the blocks' tuples are checked too (``check``: the command's
         checks; default those of a protect field of 0), so every reader (VERIFY, COMPARE AND
-        WRITE, EXTENDED COPY ...) sees a failed check as ABORTED COMMAND.
+        WRITE, EXTENDED COPY ...) sees a failed check as ABORTED COMMAND. Where the backstore
+        carries tuples with the data (``_pi_data``) they come in the same operation;
+        ``pi_out`` (only then) receives them without checks.
         """
         bs = self.backstore
+        medium_check: PiCheck | None = None
+        pi = pi_out
+        if check_pi and self.pi_type and n:
+            medium_check = self._medium_check(offset, n, check)
+            if medium_check is not None and pi is None and self._pi_data is not None:
+                pi = bytearray(n // self.block_size * dif.TUPLE_SIZE)
+        readv: bounce.Submit = self.io.readv
+        if pi is not None:
+            readv = self._with_pi(offset, pi, write=False)
         try:
             await bounce.read_into(
-                self.io.readv,
+                readv,
                 sg,
                 n,
                 offset,
@@ -608,23 +629,53 @@ class LogicalUnit:
                 Asc.UNRECOVERED_READ_ERROR,
                 information=offset // self.block_size,
             )
-        if check_pi and self.pi_type and n:
-            await self._check_medium_pi(sg, offset, n, check)
+        if medium_check is not None:
+            await self._check_medium_pi(sg, offset, n, medium_check, pi)
 
-    async def _check_medium_pi(
-        self, sg: ScatterList, offset: int, n: int, check: PiCheck | None
-    ) -> None:
-        """Check the tuples of the whole blocks in ``sg[0:n]`` (read from byte ``offset``)."""
+    def _medium_check(self, offset: int, n: int, check: PiCheck | None) -> PiCheck | None:
+        """The checks a read of ``n`` bytes at ``offset`` makes (``check``, default those of
+        protect 0); ``None`` when there is nothing to check (no whole block, no check)."""
         bs = self.block_size
         first = -(-offset // bs)
-        end = (offset + n) // bs
-        if end <= first:
-            return
+        if (offset + n) // bs <= first:
+            return None
         if check is None:
             check = default_check(self.pi_type, first)
         if not (check.guard or check.app or check.ref):
-            return
-        pi = await self._read_pi(first, end - first)
+            return None
+        return check
+
+    def _with_pi(self, offset: int, pi: dif.Buffer, *, write: bool) -> bounce.Submit:
+        """A readv/writev for ``bounce`` that also moves the tuples in ``pi`` (those of the
+        blocks from byte ``offset``) through ``_pi_data``, the slice each call covers."""
+        io = self._pi_data
+        assert io is not None
+        bs = self.block_size
+        tuples = memoryview(pi).cast("B")
+        call = io.writev_pi if write else io.readv_pi
+
+        async def with_pi(at: int, bufs: Sequence[memoryview]) -> int:
+            first = (at - offset) // bs * dif.TUPLE_SIZE
+            count = sum(b.nbytes for b in bufs) // bs * dif.TUPLE_SIZE
+            return await call(at, bufs, [tuples[first : first + count]])
+
+        return with_pi
+
+    async def _check_medium_pi(
+        self,
+        sg: ScatterList,
+        offset: int,
+        n: int,
+        check: PiCheck,
+        pi: bytearray | None = None,
+    ) -> None:
+        """Check the tuples of the whole blocks in ``sg[0:n]`` (read from byte ``offset``);
+        ``pi``: those tuples if they came with the data (whole blocks), else read here."""
+        bs = self.block_size
+        first = -(-offset // bs)
+        end = (offset + n) // bs
+        if pi is None:
+            pi = await self._read_pi(first, end - first)
         data = sg.views(first * bs - offset, (end - first) * bs)
         error = check.verify(data, pi, bs, first - check.lba)
         del data  # pool views must not ride along in a traceback
@@ -700,9 +751,13 @@ class LogicalUnit:
                 ref = lba if ref_tag is None else ref_tag
                 pi = dif.generate(sg.views(0, n), self.block_size, ref_tag=ref & 0xFFFFFFFF)
             tuples = pi
+        writev: bounce.Submit = self.io.writev
+        if tuples is not None and self._pi_data is not None:
+            writev = self._with_pi(offset, tuples, write=True)  # in the same operation
+            tuples = None
         try:
             await bounce.write_from(
-                self.io.writev,
+                writev,
                 sg,
                 n,
                 offset,
@@ -734,17 +789,26 @@ class LogicalUnit:
         return limits is None or (limits.alignment == 1 and bounce.fits(views, offset, limits))
 
     async def _read_views(
-        self, views: list[memoryview], offset: int, n: int, channel: DataChannel
+        self,
+        views: list[memoryview],
+        offset: int,
+        n: int,
+        channel: DataChannel,
+        pi: bytearray | None = None,
     ) -> None:
-        """Fill ``views`` (pieces of a wire list: data between tuples) from byte ``offset``.
+        """Fill ``views`` (pieces of a wire list: data between tuples) from byte ``offset``,
+        and ``pi`` with their tuples (only where the backstore carries them with the data).
 
         Straight into them when the backstore takes them (buffered files split at IOV_MAX
         themselves); else through a bounce from the pool (O_DIRECT alignment: the pieces sit
         between 8-byte tuples; or too many segments), copied back.
         """
         if self._takes(views, offset):
+            readv: bounce.Submit = self.io.readv
+            if pi is not None:
+                readv = self._with_pi(offset, pi, write=False)
             try:
-                await self.io.readv(offset, views)
+                await readv(offset, views)
                 return
             except BackstoreBusy:
                 raise
@@ -757,7 +821,7 @@ class LogicalUnit:
             )
         tmp = await channel.alloc(n)
         try:
-            await self._read_into(tmp, offset, n, channel, check_pi=False)
+            await self._read_into(tmp, offset, n, channel, check_pi=False, pi_out=pi)
             dif.scatter(tmp.views(0, n), views)
         finally:
             tmp.release()
@@ -767,8 +831,12 @@ class LogicalUnit:
     ) -> None:
         """Store ``views`` (data pieces of a wire list) and their tuples ``pi``."""
         if self._takes(views, offset):
+            pi_data = self._pi_data
             try:
-                await self.io.writev(offset, views)
+                if pi_data is not None:  # tuples in the same operation
+                    await pi_data.writev_pi(offset, views, [memoryview(pi)])
+                else:
+                    await self.io.writev(offset, views)
             except BackstoreBusy:
                 raise
             except BackstoreError as exc:
@@ -780,7 +848,8 @@ class LogicalUnit:
                 raise CheckCondition.of(
                     SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
                 )
-            await self._pi_io("write", offset // self.block_size, [memoryview(pi)])
+            if pi_data is None:
+                await self._pi_io("write", offset // self.block_size, [memoryview(pi)])
             return
         # A consumer with limits (O_DIRECT): gather the pieces into pool blocks (counted).
         tmp = await channel.alloc(n)
@@ -1263,8 +1332,12 @@ class LogicalUnit:
                         sg.release()
                         return
                     data, slots = dif.split(sg.views(0, k * unit), bs)
-                    await self._read_views(data, start * bs, k * bs, cmd.channel)
-                    pi = await self._read_pi(start, k)
+                    if self._pi_data is not None:  # the tuples come with the data
+                        pi = bytearray(k * dif.TUPLE_SIZE)
+                        await self._read_views(data, start * bs, k * bs, cmd.channel, pi)
+                    else:
+                        await self._read_views(data, start * bs, k * bs, cmd.channel)
+                        pi = await self._read_pi(start, k)
                 error = check.verify(data, pi, bs, done)
                 if error is None:
                     dif.scatter([pi], slots)

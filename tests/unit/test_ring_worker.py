@@ -455,7 +455,7 @@ def sidecar(image: Path) -> bytes:
 
 
 def tuples_for(data: bytes, lba: int) -> bytes:
-    return generate(data, BS, ref_tag=lba)
+    return bytes(generate(data, BS, ref_tag=lba))
 
 
 def test_dif_iovecs_reach_a_pi_aware_handler(image: Path) -> None:

@@ -63,7 +63,8 @@ def test_tools_report_the_format(sgtarget: StartTarget, tmp_path: Path) -> None:
     assert "PI type 1" in t.stdout()
 
 
-def test_qemu_img_round_trips_a_pi_lun(sgtarget: StartTarget, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ring", ["", ",handler=copy,handler_pi=1"], ids=["target", "handler_pi"])
+def test_qemu_img_round_trips_a_pi_lun(sgtarget: StartTarget, tmp_path: Path, ring: str) -> None:
     qemu_img = require_tool("qemu-img")
     image = tmp_path / "pi.img"
     source = tmp_path / "source.img"
@@ -72,7 +73,7 @@ def test_qemu_img_round_trips_a_pi_lun(sgtarget: StartTarget, tmp_path: Path) ->
         for i in range(0, 32 * MiB, MiB):
             f.seek(i)
             f.write(i.to_bytes(8, "big"))
-    t = sgtarget("--lun", f"file:{image},size=32M,pi=1")
+    t = sgtarget("--lun", f"file:{image},size=32M,pi=1{ring}")
     cp = run([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(source), t.url()], 300)
     assert cp.returncode == 0, describe(cp)
     cp = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(source), t.url()], 300)
@@ -137,18 +138,24 @@ class Initiator:
                 raise AssertionError(f"unexpected PDU {pdu}")
 
 
-@pytest.fixture(params=["ram", "handler"])
+@pytest.fixture(params=["ram", "handler", "handler_pi"])
 def initiator(
     request: pytest.FixtureRequest, sgtarget: StartTarget, tmp_path: Path
 ) -> Iterator[Initiator]:
     """LUN 0: 512-byte blocks, LUN 1: 4096, both type 1; in memory, or files served by
-    handler processes (PI stays with the target, the handlers see data only)."""
+    handler processes: PI kept by the target (the handlers see data only), or with
+    ``handler_pi=1`` stored by the handlers (tuples travel as the ring's dif iovecs)."""
     if request.param == "ram":
         luns = ["ram:size=16M,pi=1", "ram:size=16M,pi=1,bs=4096"]
-    else:
+    elif request.param == "handler":
         luns = [
             f"file:{tmp_path / 'a.img'},size=16M,pi=1,handler=zerocopy",
             f"file:{tmp_path / 'b.img'},size=16M,pi=1,bs=4096,handler=copy",
+        ]
+    else:
+        luns = [
+            f"file:{tmp_path / 'a.img'},size=16M,pi=1,handler=isolated,handler_pi=1",
+            f"file:{tmp_path / 'b.img'},size=16M,pi=1,bs=4096,handler=zerocopy,handler_pi=1",
         ]
     t: Target = sgtarget("--lun", luns[0], "--lun", luns[1])
     s = login(t)

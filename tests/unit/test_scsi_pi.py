@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sgtarget.backstores.base import Buffers, Runner, RunnerIO
 from sgtarget.backstores.pi import MemoryProtection, ProtectionStore
 from sgtarget.backstores.ram import RamBackstore
 from sgtarget.datapath import Pool
@@ -98,13 +99,105 @@ def good(task: Task) -> None:
     assert task.status == Status.GOOD, task.sense.hex()
 
 
+class FormatOnly(ProtectionStore):
+    """The target's store of a backstore that keeps tuples itself (``RingProtection``'s
+    model): the format type only; reading or writing tuples through it is a bug."""
+
+    blocking = False
+
+    def __init__(self, tuples: ProtectionStore) -> None:
+        super().__init__(tuples.nblocks, tuples.ptype)
+        self.tuples = tuples
+
+    def read(self, lba: int, bufs: Buffers) -> None:
+        raise AssertionError("tuples read beside the data")
+
+    def write(self, lba: int, bufs: Buffers) -> None:
+        raise AssertionError("tuples written beside the data")
+
+    def discard(self, lba: int, nblocks: int) -> None:
+        self._check(lba, nblocks * 8)  # the backstore's own discard did it
+
+    def format(self, ptype: int) -> None:
+        self.tuples.format(ptype)
+        self.ptype = ptype
+
+    def _read_raw(self, offset: int, bufs: Buffers) -> None:
+        raise AssertionError
+
+    def _write_raw(self, offset: int, data: bytes) -> None:
+        raise AssertionError
+
+    def _zero_raw(self, offset: int, length: int) -> None:
+        raise AssertionError
+
+
+class PiWithDataRam(RamBackstore):
+    """A RAM backstore that stores tuples itself and takes them with the data
+    (``pi_with_data``: an in-process model of a ``handler_pi=1`` ring LUN)."""
+
+    pi_with_data = True
+
+    def __init__(self, size: int, *, block_size: int, pi: int) -> None:
+        super().__init__(size, block_size=block_size, pi=pi)
+        assert self.protection is not None
+        self.tuples = self.protection
+        self.protection = FormatOnly(self.tuples)
+        self.pi_calls = 0
+
+    def discard(self, offset: int, length: int) -> None:
+        super().discard(offset, length)
+        self.tuples.discard(offset // self.block_size, length // self.block_size)
+
+    def io(self, runner: Runner) -> PiIO:
+        return PiIO(self, RunnerIO(self, runner))
+
+    def close(self) -> None:
+        super().close()
+        self.tuples.close()
+
+
+class PiIO:
+    """``PiBackstoreIO`` of ``PiWithDataRam``: data and tuples in one call."""
+
+    def __init__(self, backstore: PiWithDataRam, io: RunnerIO) -> None:
+        self._bs = backstore
+        self._io = io
+        self.readv = io.readv
+        self.writev = io.writev
+        self.flush = io.flush
+        self.prefetch = io.prefetch
+        self.discard = io.discard
+        self.mapped_extents = io.mapped_extents
+
+    async def readv_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int:
+        n = await self._io.readv(offset, bufs)
+        self._bs.tuples.read(offset // self._bs.block_size, pi_bufs)
+        self._bs.pi_calls += 1
+        return n
+
+    async def writev_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int:
+        n = await self._io.writev(offset, bufs)
+        self._bs.tuples.write(offset // self._bs.block_size, pi_bufs)
+        self._bs.pi_calls += 1
+        return n
+
+
+#: How LUs under test keep their tuples: beside the data in the target, or with the data in
+#: the backstore (``pi_with_data``); set by the ``luns`` fixture.
+_KIND = ["ram"]
+
+
 class Lun:
     """A target with one PI-formatted RAM LU, past its power-on unit attention."""
 
     def __init__(self, pool: Pool, ptype: int, bs: int = 512) -> None:
         self.pool = pool
         self.bs = bs
-        self.backstore = RamBackstore(NBLOCKS * bs, block_size=bs, pi=ptype)
+        if _KIND[0] == "pi_with_data":
+            self.backstore: RamBackstore = PiWithDataRam(NBLOCKS * bs, block_size=bs, pi=ptype)
+        else:
+            self.backstore = RamBackstore(NBLOCKS * bs, block_size=bs, pi=ptype)
         self.lu = LogicalUnit(self.backstore, runner=run_inline, identity="t/0")
         self.target = ScsiTarget(NAME, [self.lu])
         self.run(bytes(6))
@@ -128,19 +221,26 @@ class Lun:
 
     def tuples(self, lba: int, n: int) -> bytes:
         buf = bytearray(n * 8)
-        self.store.read(lba, [memoryview(buf)])
+        store = self.store
+        (store.tuples if isinstance(store, FormatOnly) else store).read(lba, [memoryview(buf)])
         return bytes(buf)
 
     def close(self) -> None:
         self.backstore.close()
 
 
-@pytest.fixture
-def luns(pool: Pool) -> Iterator[list[Lun]]:
+@pytest.fixture(params=["ram", "pi_with_data"])
+def luns(pool: Pool, request: pytest.FixtureRequest) -> Iterator[list[Lun]]:
+    """LUs made by ``lun``: tuples kept by the target, or taken with the data by the
+    backstore (then every PI-formatted LU's tuples must go through readv_pi/writev_pi)."""
     made: list[Lun] = []
-    yield made
-    for lun in made:
-        lun.close()
+    _KIND[0] = request.param
+    try:
+        yield made
+    finally:
+        _KIND[0] = "ram"
+        for lun in made:
+            lun.close()
 
 
 def lun(luns: list[Lun], pool: Pool, ptype: int, bs: int = 512) -> Lun:
@@ -171,6 +271,8 @@ def test_write_with_tuples_then_read_them_back(
     task, data = u.read(rw10(0x28, 100, 5), 5 * bs)
     good(task)
     assert data == b"".join(blocks)
+    if isinstance(u.backstore, PiWithDataRam):  # 1 write, 5 interleaved reads, 1 checked
+        assert u.backstore.pi_calls == 7
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
-"""libiscsi's conformance suite (iscsi-test-cu) over three LUN profiles, sgtarget beside tgt.
+"""libiscsi's conformance suite (iscsi-test-cu) over four LUN profiles, sgtarget beside tgt.
 
     python -m benchmarks.conformance [--no-tgt] [--logs DIR]
 
-Each target is run in three profiles, a fresh process and a fresh sparse 256 MiB file each:
+Each target is run in these profiles, a fresh process and a fresh sparse 256 MiB file each:
 
 - ``thin``: thin-provisioned LUN without the UNMAP command (``unmap=0``: WRITE SAME with
   UNMAP deallocates) and 4 KiB physical blocks, ``ALL`` with ``--dataloss --allow-sanitize``;
@@ -11,7 +11,10 @@ Each target is run in three profiles, a fresh process and a fresh sparse 256 MiB
   URL (the MultipathIO tests need it);
 - ``readonly``: write-protected LUN (thin too: ReadOnlySBC also tries UNMAP), the suite about
   write protection plus those that only read (every other suite writes, and a write-protected
-  LUN must refuse those writes).
+  LUN must refuse those writes);
+- ``pi`` (sgtarget only: tgt has no protection information): the thin profile on a LUN
+  formatted with T10 PI type 1 (``pi=1``), where every write generates tuples and every read
+  checks them.
 
 Each log is scored the way ``shared/tools/cu_score.py`` scores it (a test with "FAILED" anywhere
 in its output failed, else with "SKIPPED" it was skipped, else with "passed" it passed), and the
@@ -101,6 +104,8 @@ class Profile:
     tests: tuple[str, ...]
     flags: tuple[str, ...]
     portals: int = 1
+    #: False: sgtarget only (tgt has no such LUN, e.g. T10 PI).
+    tgt: bool = True
 
 
 PROFILES = (
@@ -123,6 +128,16 @@ PROFILES = (
         "readonly=1,thin_provisioning=1",
         READONLY_SUITES,
         ("--dataloss",),
+    ),
+    # The thin profile on a medium formatted with T10 PI type 1 (issue 6): every write
+    # generates tuples, every read checks them. tgt has no PI.
+    Profile(
+        "pi",
+        f"{THIN_KEYS},pi=1",
+        None,
+        ("ALL",),
+        ("--dataloss", "--allow-sanitize"),
+        tgt=False,
     ),
 )
 
@@ -322,6 +337,8 @@ def run_sgtarget(profile: Profile, workdir: Path, logdir: Path) -> ProfileResult
 
 
 def run_tgt(profile: Profile, workdir: Path, logdir: Path) -> ProfileResult:
+    if not profile.tgt:
+        return ProfileResult(profile)  # nothing to compare: no verdicts, shown as n/a
     with (
         _image(workdir, f"tgt-{profile.name}.img") as path,
         TgtTarget(path, params=profile.tgt_params, portals=profile.portals) as target,
@@ -368,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile",
         action="append",
         choices=[p.name for p in PROFILES],
-        help="run only these profiles (default: all three)",
+        help="run only these profiles (default: all)",
     )
     args = ap.parse_args(argv)
     tools = ["iscsi-test-cu"] + ([] if args.no_tgt else ["tgtd", "tgtadm", "iscsi-ls"])
@@ -401,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for name, _ in runners:
             r = results[name][i]
+            if not r.verdicts and not r.error:
+                row += ["n/a", "", ""]
+                continue
             row += [_score(r.verdicts), f"{r.cunit.passed}/{r.cunit.ran}", len(r.real_failures)]
         rows.append(row)
     reports = {name: report(name, rs) for name, rs in results.items()}

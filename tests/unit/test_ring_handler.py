@@ -289,7 +289,11 @@ def test_unknown_cdb_is_unknown_op(rec: Recorder, cdb: bytes) -> None:
 def test_handle_cmd_override_sees_raw_cdbs(rec: Recorder) -> None:
     class Raw(Recorder):
         def handle_cmd(
-            self, cdb: bytes, bufs: list[memoryview], bidi_bufs: list[memoryview]
+            self,
+            cdb: bytes,
+            bufs: list[memoryview],
+            bidi_bufs: list[memoryview],
+            pi_bufs: list[memoryview] | None = None,
         ) -> Result:
             if cdb[0] == 0x12:
                 return Result(read_len=len(bufs))
@@ -567,3 +571,82 @@ def test_module_class_handler_loaded_with_config_set() -> None:
     h2 = open_handler("tests.unit.test_ring_handler:Memory", HandlerConfig(SIZE, BS))
     assert h2.config == HandlerConfig(SIZE, BS)
     assert handler_mod.BUILTIN.keys() == {"file", "null"}
+
+
+# ---- protection information (dif iovecs) ---------------------------------------------------
+
+
+class PiRecorder(Recorder):
+    """A PI-aware ``Recorder``: tuples reads produce ``0xCD``."""
+
+    protection = True
+
+    def read_pi(self, offset: int, bufs: list[memoryview], pi_bufs: list[memoryview]) -> int | None:
+        self.calls.append(("read_pi", offset, [len(b) for b in bufs], [len(b) for b in pi_bufs]))
+        for b in (*bufs, *pi_bufs):
+            b[:] = b"\xcd" * len(b)
+        return None
+
+    def write_pi(self, offset: int, bufs: list[memoryview], pi_bufs: list[memoryview]) -> None:
+        self.calls.append(("write_pi", offset, joined(bufs), joined(pi_bufs)))
+
+    def discard_pi(self, offset: int, length: int) -> None:
+        self.calls.append(("discard_pi", offset, length))
+
+
+def test_dif_buffers_go_to_read_pi_and_write_pi() -> None:
+    h = PiRecorder()
+    h.open(HandlerConfig(SIZE, BS, protection=1))
+    pi = bufs_of(8, 8, fill=0x11)
+    assert execute(h, cdb16(0x8A, 4, 2), bufs_of(2 * BS, fill=7), [], pi) == Result()
+    assert h.calls[-1:] == [("write_pi", 4 * BS, b"\x07" * 2 * BS, b"\x11" * 16)]
+    out, pi_out = bufs_of(2 * BS), bufs_of(16, 100)  # longer dif buffers: the first 16 bytes
+    assert execute(h, cdb10(0x28, 4, 2), out, [], pi_out) == Result()
+    assert h.calls[-1:] == [("read_pi", 4 * BS, [2 * BS], [16])]
+    assert run(h, cdb16(0x8A, 4, 2), bufs_of(2 * BS)) == Result()  # no tuples: write
+    assert h.calls[-1][0] == "write"
+    # WRITE SAME(16) UNMAP: unmap, then escape tuples; FORMAT UNIT: escape tuples everywhere.
+    assert run(h, cdb16(0x93, 8, 4, byte1=0x09)) == Result()
+    assert h.calls[-2:] == [("unmap", 8 * BS, 4 * BS), ("discard_pi", 8 * BS, 4 * BS)]
+    assert run(h, bytes([0x04, 0x80, 0, 0, 0, 0])) == Result()
+    assert h.calls[-1:] == [("discard_pi", 0, SIZE)]
+    bad = execute(h, bytes([0x04, 0x90, 0, 0, 0, 0]), [], [])  # FMTDATA: not ours to parse
+    assert bad.sense == sense(5, 0x24, 0)
+
+
+def test_dif_buffers_refused_when_short_on_other_commands_or_without_pi(rec: Recorder) -> None:
+    h = PiRecorder()
+    h.open(HandlerConfig(SIZE, BS, protection=1))
+    short = execute(h, cdb16(0x8A, 0, 2), bufs_of(2 * BS), [], bufs_of(8))
+    assert short.sense == sense(5, 0x24, 0)
+    other = execute(h, cdb16(0x91, 0, 0), [], [], bufs_of(8))
+    assert other.sense == sense(5, 0x24, 0)
+    assert all(c[0] != "write_pi" for c in h.calls)
+    # A handler without PI: tuples refused, FORMAT UNIT unknown, unmap alone.
+    assert execute(rec, cdb16(0x8A, 0, 1), bufs_of(BS), [], bufs_of(8)).sense == sense(5, 0x24, 0)
+    assert run(rec, bytes([0x04, 0x80, 0, 0, 0, 0])).unknown_op
+    assert run(rec, cdb16(0x93, 8, 4, byte1=0x09)) == Result()
+    assert rec.calls == [("unmap", 8 * BS, 4 * BS)]
+
+
+def test_the_file_handler_stores_tuples_in_the_sidecar(tmp_path: Path) -> None:
+    path = tmp_path / "pi.img"
+    FileBackstore(path, SIZE).close()
+    plain = open_handler("file", HandlerConfig(SIZE, BS, {"path": str(path)}))
+    try:
+        assert not plain.protection
+    finally:
+        plain.close()
+    h = open_handler("file", HandlerConfig(SIZE, BS, {"path": str(path)}, protection=1))
+    try:
+        assert h.protection
+        tuples = bytes(range(16))
+        result = execute(h, cdb16(0x8A, 3, 2), bufs_of(2 * BS, fill=9), [], [memoryview(tuples)])
+        assert result == Result()
+        stored = (tmp_path / "pi.img.pi").read_bytes()
+        assert bytes(255 - b for b in stored[24:40]) == tuples
+        pi_out = bufs_of(16)
+        assert execute(h, cdb16(0x88, 3, 2), bufs_of(2 * BS), [], pi_out) == Result()
+        assert joined(pi_out) == tuples
+    finally:
+        h.close()

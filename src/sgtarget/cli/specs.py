@@ -285,7 +285,9 @@ def build_backstore(spec: LunSpec) -> Backstore:
 
     ``readonly=1`` also reaches the factory, so a file is opened read-only (a read-only image
     can be served). ``handler=copy|zerocopy|isolated`` (``ring.backstore.RING_KEYS``) wraps it
-    in a ``RingBackstore`` whose handler processes start with the server.
+    in a ``RingBackstore`` whose handler processes start with the server; with ``pi=`` and
+    ``handler_pi=1`` the handler, not the target, stores the LUN's PI tuples (the target still
+    creates the sidecar).
     """
     params = dict(spec.params)
     try:

@@ -547,9 +547,10 @@ class RingBackstore(Backstore):
         base = self.inner.describe() if self.inner is not None else self.handler_command.handler
         n = self.options.handlers
         t = self.options.command_timeout
+        pi = ", PI stored by the handler" if self.pi_with_data else ""
         return (
             f"{base} in {n} handler process{'es' if n > 1 else ''} "
-            f"(handler={self.options.mode}, timeout {f'{t:g} s' if t else 'off'})"
+            f"(handler={self.options.mode}{pi}, timeout {f'{t:g} s' if t else 'off'})"
         )
 
     # -- the synchronous Backstore interface: round trips onto the ring's loop --------------

@@ -601,6 +601,8 @@ class LogicalUnit:
         if check_pi and self.pi_type and n:
             medium_check = self._medium_check(offset, n, check)
             if medium_check is not None and pi is None and self._pi_data is not None:
+                if offset % self.block_size or n % self.block_size:
+                    raise ValueError(f"read of {n} bytes at {offset} is not whole blocks")
                 pi = bytearray(n // self.block_size * dif.TUPLE_SIZE)
         readv: bounce.Submit = self.io.readv
         if pi is not None:

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "PREVENT ALLOW MEDIUM REMOVAL, eject/load with START STOP UNIT), ,unmap=0 (with "
         "thin=1: no UNMAP command, WRITE SAME with UNMAP only) and ,physical_block_size=SIZE "
         "(512 to 64K, default 4K); file and null LUNs take ,handler=copy|zerocopy|isolated "
-        "(served by handler processes behind TCMU rings) with ,handlers=N and "
-        ",handler_timeout=SECONDS "
-        "(repeatable; LUNs are numbered from 0 in order)",
+        "(served by handler processes behind TCMU rings) with ,handlers=N, "
+        ",handler_timeout=SECONDS, ,handler_threads=N and, with pi=, ,handler_pi=1 (the "
+        "handler stores the tuples) (repeatable; LUNs are numbered from 0 in order)",
     )
     serve.add_argument(
         "--pool",

@@ -283,3 +283,26 @@ def test_type2_32_byte_cdbs_over_iscsi(sgtarget: StartTarget) -> None:
         assert data == wire
     finally:
         s.sock.close()
+
+
+def test_a_checked_write_bigger_than_the_pool_gets_task_set_full(sgtarget: StartTarget) -> None:
+    """A WRITE with WRPROTECT holds its whole Data-Out until every tuple is checked: one that
+    could never fit the pool is TASK SET FULL at once (it used to wait for memory for ever),
+    and the LUN goes on serving checked writes that fit."""
+    t = sgtarget("--pool", "4M", "--lun", "ram:size=16M,pi=1")
+    s = login(t)
+    try:
+        ini = Initiator(s)
+        assert ini.command(bytes(6), 0)[0] == 0x02  # the power-on unit attention
+        n = 8192  # 4 MiB of data + 64 KiB of tuples: more than the 4 MiB pool
+        cdb = bytes([0x2A, 1 << 5]) + struct.pack(">IBHB", 0, 0, n, 0)
+        status, _, _ = ini.command(cdb, n * 520, bytes(n * 520))
+        assert status == 0x28  # TASK SET FULL
+        blocks = [bytes([i]) * 512 for i in range(64)]
+        wire = interleaved(blocks, 0)
+        status, sense, _ = ini.command(rw10(0x2A, 0, 64, 1), len(wire), wire)
+        assert status == 0, sense.hex()
+        status, sense, data = ini.command(rw10(0x28, 0, 64, 1), len(wire))
+        assert (status, data) == (0, wire), sense.hex()
+    finally:
+        s.sock.close()

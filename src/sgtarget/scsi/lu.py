@@ -13,9 +13,11 @@ scatter lists from the transport's pool, so an 8 MiB command holds at most 1 MiB
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import struct
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -87,6 +89,20 @@ from sgtarget.scsi.xcopy import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Per event loop (one pool per loop): the lock PI-checked WRITEs hold their Data-Out under.
+_PI_HOLDS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pi_hold() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _PI_HOLDS.get(loop)
+    if lock is None:
+        lock = _PI_HOLDS[loop] = asyncio.Lock()
+    return lock
+
 
 #: Largest single command we accept (VPD B0h MAXIMUM TRANSFER LENGTH is derived from it).
 MAX_TRANSFER_BYTES = 8 * 1024 * 1024
@@ -1466,6 +1482,15 @@ class LogicalUnit:
         ``MAX_TRANSFER_BYTES`` and its tuples) in pool blocks. ``dif.split`` references the
         received blocks in place: the data pieces go to the backstore as they are.
         """
+        # Commands that hold their Data-Out while waiting for more pool could wait on each
+        # other for ever: one holder per process at a time, and only once the whole command
+        # fits the pool (TASK SET FULL if it never could).
+        async with _pi_hold():
+            probe = await cmd.channel.alloc(nblocks * (self.block_size + dif.TUPLE_SIZE))
+            probe.release()
+            return await self._hold_and_write_pi(cmd, lba, nblocks, check)
+
+    async def _hold_and_write_pi(self, cmd: Cmd, lba: int, nblocks: int, check: PiCheck) -> bool:
         bs = self.block_size
         unit = bs + dif.TUPLE_SIZE
         per = max(1, IO_WINDOW // bs)

@@ -63,6 +63,7 @@ def run_one(
     count = args.count * MiB // size if size >= 65536 else args.count_small
     ns = argparse.Namespace(depth=depth, count=count * size // MiB or 1)
     run = Run()
+    os.sync()  # no run meets the writeback of an earlier run's dirty pages
     with SgTarget(spec, pool=args.pool) as t:
         cpu0 = cpu_seconds(t.pid)
         seconds, client = bench(t.url, op, size, ns)

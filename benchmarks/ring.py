@@ -122,6 +122,9 @@ def run_config(path: Path, label: str, keys: str, args: argparse.Namespace, runs
             run = runs.setdefault((label, op, size), Run(label, op, size))
             if run.error:
                 continue
+            # Every run starts with no dirty pages: one that met the writeback of an earlier
+            # run's writes would be throttled by the kernel, not by what it measures.
+            os.sync()
             try:
                 # A fresh process per run: its stats line covers this run only.
                 with SgTarget(spec, pool=args.pool) as t:

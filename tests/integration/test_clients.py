@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import subprocess
@@ -129,6 +130,29 @@ def test_qemu_img_convert_and_compare_64m(sgtarget: StartTarget, tmp_path: Path)
     qemu_img = require_tool("qemu-img")
     cp = run([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(img), t.url()], 120)
     assert cp.returncode == 0, describe(cp)
+    cp = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(img), t.url()], 120)
+    assert cp.returncode == 0, describe(cp)
+    assert "Images are identical" in cp.stdout, describe(cp)
+
+
+def test_file_lun_reads_back_after_the_page_cache_is_dropped(
+    sgtarget: StartTarget, tmp_path: Path
+) -> None:
+    """Cached reads are served on the event loop (RWF_NOWAIT), misses in the thread pool: with
+    the LUN file's pages dropped between writing and reading, compare takes the miss path."""
+    img = tmp_path / "random.img"
+    img.write_bytes(random.Random(20261121).randbytes(32 * MiB))
+    lun = tmp_path / "lun.img"
+    t = sgtarget("--lun", f"file:{lun},size=32M")
+    qemu_img = require_tool("qemu-img")
+    cp = run([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(img), t.url()], 120)
+    assert cp.returncode == 0, describe(cp)
+    fd = os.open(lun, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages can be dropped; dirty ones could not
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     cp = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(img), t.url()], 120)
     assert cp.returncode == 0, describe(cp)
     assert "Images are identical" in cp.stdout, describe(cp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
@@ -962,3 +963,34 @@ def test_default_discard_writes_zeros() -> None:
     assert b.data[:512] == b"\x01" * 512
     assert b.data[512 : 2 * MiB + 1024] == bytes(2 * MiB + 512)
     assert b.data[2 * MiB + 1024 :] == b"\x01" * (MiB - 1024)
+
+
+def test_file_reads_the_page_cache_has_skip_the_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached read is served inline (RWF_NOWAIT); a miss, and every write, go through the
+    runner (the thread pool), and a miss still reads the right bytes."""
+    bs = FileBackstore(str(tmp_path / "c.img"), size=1 << 20)
+    calls: list[str] = []
+
+    async def runner(fn: Callable[..., Any], /, *args: Any) -> Any:
+        calls.append(fn.__name__)
+        return fn(*args)
+
+    io = bs.io(runner)
+    buf = bytearray(8192)
+    try:
+        assert asyncio.run(io.writev(0, [memoryview(b"\x5a" * 8192)])) == 8192
+        assert calls == ["writev"]
+        # Just written: cached, so no thread.
+        assert asyncio.run(io.readv(0, [memoryview(buf)])) == 8192
+        assert buf == b"\x5a" * 8192
+        assert calls == ["writev"]
+        # A miss (part of the range not cached): the runner reads all of it.
+        monkeypatch.setattr(bs, "read_nowait", lambda offset, bufs: None)
+        buf[:] = bytes(8192)
+        assert asyncio.run(io.readv(0, [memoryview(buf)])) == 8192
+        assert buf == b"\x5a" * 8192
+        assert calls == ["writev", "readv"]
+    finally:
+        bs.close()

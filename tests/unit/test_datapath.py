@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sgtarget.datapath import Pool, PoolExhausted, ScatterList, SGIter
 from sgtarget.datapath.blockmap import BlockMap
+from sgtarget.datapath.views import byte_view, copy_views, prefix, split_views
 
 BS = 4096
 
@@ -265,3 +266,17 @@ def test_block_map_hands_out_each_block_once_and_shrinks_above_the_top(
         bm.release(first, count)
         with pytest.raises(RuntimeError, match="double free"):
             bm.release(first, count)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=6), st.lists(st.integers(0, 40), max_size=6))
+def test_view_helpers_copy_cut_and_prefix_across_pieces(src: list[bytes], sizes: list[int]) -> None:
+    data = b"".join(src)
+    dst = [memoryview(bytearray(n)) for n in sizes]
+    n = copy_views(src, dst)
+    assert n == min(len(data), sum(sizes))
+    assert b"".join(bytes(d) for d in dst)[:n] == data[:n]
+    cut = len(data) // 2
+    head, tail = split_views(src, cut)
+    assert (b"".join(head), b"".join(tail)) == (data[:cut], data[cut:])
+    assert b"".join(prefix([memoryview(s) for s in src], cut)) == data[:cut]
+    assert byte_view(memoryview(b"\x01\x02").cast("H")).tolist() == [1, 2]

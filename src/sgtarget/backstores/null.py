@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
 from sgtarget.backstores.pi import parse_format
+from sgtarget.datapath.views import byte_view
 from sgtarget.units import parse_size
 
 SECTOR = 512
 # Zeroing from a shared constant avoids allocating a zero buffer as large as each read.
 _ZEROS = memoryview(bytes(64 * 1024))
-
-
-def _bytes(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class NullBackstore(Backstore):
@@ -44,7 +41,7 @@ class NullBackstore(Backstore):
         total = self._extent(offset, bufs)
         chunk = len(_ZEROS)
         for buf in bufs:
-            view = _bytes(buf)
+            view = byte_view(buf)
             n = len(view)
             for pos in range(0, n, chunk):
                 end = min(pos + chunk, n)

@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 
 from sgtarget.backstores.base import BackstoreError, Buffers
+from sgtarget.datapath.views import byte_view
 
 #: Bytes of protection information per logical block.
 TUPLE_SIZE = 8
@@ -35,14 +36,10 @@ _NO_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 PI_TYPES = (1, 2, 3)
 
 
-def _bytes(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
 def _invert_into(bufs: Buffers) -> None:
     # Small (1/64 of the data at 512-byte blocks): two C-speed copies per buffer are fine.
     for buf in bufs:
-        view = _bytes(buf)
+        view = byte_view(buf)
         view[:] = bytes(view).translate(_INVERT)
 
 
@@ -133,7 +130,7 @@ class MemoryProtection(ProtectionStore):
     def _read_raw(self, offset: int, bufs: Buffers) -> None:
         pos = offset
         for buf in bufs:
-            view = _bytes(buf)
+            view = byte_view(buf)
             view[:] = self._mem[pos : pos + len(view)]
             pos += len(view)
 
@@ -188,7 +185,7 @@ class FileProtection(ProtectionStore):
         self._fd = fd
 
     def _read_raw(self, offset: int, bufs: Buffers) -> None:
-        views: Sequence[memoryview] = [_bytes(b) for b in bufs]
+        views: Sequence[memoryview] = [byte_view(b) for b in bufs]
         want = sum(len(v) for v in views)
         got = 0
         while got < want:
@@ -207,7 +204,7 @@ class FileProtection(ProtectionStore):
         flag = getattr(os, "RWF_NOWAIT", None)
         if flag is None:
             return False
-        views = [_bytes(b) for b in bufs]
+        views = [byte_view(b) for b in bufs]
         want = sum(len(v) for v in views)
         self._check(lba, want)
         try:

@@ -14,13 +14,10 @@ import mmap
 
 from sgtarget.backstores.base import Backstore, BackstoreError, Buffers, check_params, register
 from sgtarget.backstores.pi import MemoryProtection, parse_format
+from sgtarget.datapath.views import byte_view
 from sgtarget.units import format_size, parse_size
 
 SECTOR = 512
-
-
-def _bytes(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _zero(mem: memoryview, start: int, end: int) -> None:
@@ -66,7 +63,7 @@ class RamBackstore(Backstore):
         pos = 0
         for buf in bufs:
             n = buf.nbytes
-            _bytes(buf)[:] = region[pos : pos + n]
+            byte_view(buf)[:] = region[pos : pos + n]
             pos += n
         return pos
 
@@ -75,7 +72,7 @@ class RamBackstore(Backstore):
         pos = 0
         for buf in bufs:
             n = buf.nbytes
-            region[pos : pos + n] = _bytes(buf)
+            region[pos : pos + n] = byte_view(buf)
             pos += n
         return pos
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from sgtarget.datapath.sglist import ScatterList
 from sgtarget.datapath.stats import IN, OUT, DataPathStats
+from sgtarget.datapath.views import copy_views
 
 if TYPE_CHECKING:
     from sgtarget.datapath.pool import Pool
@@ -78,10 +79,6 @@ class ConsumerLimits:
             raise ValueError(f"max_segment_size {mss} is not a positive multiple of {a}")
 
 
-def _bytes(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
 def _address(view: memoryview) -> int | None:
     """The address of a view's first byte, or ``None`` if it cannot be had cheaply.
 
@@ -123,30 +120,6 @@ def misfit(views: Sequence[memoryview], offset: int, limits: ConsumerLimits | No
 
 def fits(views: Sequence[memoryview], offset: int, limits: ConsumerLimits | None) -> bool:
     return misfit(views, offset, limits) is None
-
-
-def _copy(dst: Sequence[memoryview], src: Sequence[memoryview]) -> int:
-    """Copy the bytes of ``src`` into ``dst`` in order; returns bytes copied (the shorter)."""
-    done = 0
-    di = 0
-    doff = 0
-    for s in src:
-        sv = _bytes(s)
-        soff = 0
-        n = len(sv)
-        while soff < n and di < len(dst):
-            d = _bytes(dst[di])
-            k = min(len(d) - doff, n - soff)
-            d[doff : doff + k] = sv[soff : soff + k]
-            soff += k
-            doff += k
-            done += k
-            if doff == len(d):
-                di += 1
-                doff = 0
-        if soff < n:
-            break
-    return done
 
 
 def _batches(
@@ -227,7 +200,7 @@ async def read_bounced(
     bounce = await alloc(end - start)
     try:
         await _run_consumer(submit, bounce.views(0, end - start), start, limits)
-        copied = _copy(views, bounce.views(offset - start, n))
+        copied = copy_views(bounce.views(offset - start, n), views)
     finally:
         bounce.release()
     stats.add_copy(reason, OUT, copied)
@@ -266,7 +239,7 @@ async def write_bounced(
                 await _run_consumer(read, bounce.views(0, a), start, limits)
             if tail and not (head and size == a):
                 await _run_consumer(read, bounce.views(size - a, a), end - a, limits)
-            copied = _copy(bounce.views(offset - start, n), views)
+            copied = copy_views(views, bounce.views(offset - start, n))
             await _run_consumer(submit, bounce.views(0, size), start, limits)
         finally:
             bounce.release()

@@ -58,6 +58,9 @@ from types import ModuleType
 
 import fastcrc
 
+from sgtarget.datapath.views import Buffer as Buffer  # noqa: PLC0414 - re-exported
+from sgtarget.datapath.views import byte_view, copy_views, prefix
+
 _native: ModuleType | None
 try:
     from sgtarget.datapath import _dif as _native
@@ -70,7 +73,6 @@ ESCAPE_APP = 0xFFFF
 ESCAPE_REF = 0xFFFFFFFF
 NATIVE = _native is not None
 
-Buffer = bytes | bytearray | memoryview
 Buffers = Buffer | Sequence[Buffer]
 
 _TUPLE = struct.Struct(">HHI")
@@ -91,11 +93,6 @@ class PiError:
 
     index: int
     check: Check
-
-
-def _bytes(buf: Buffer) -> memoryview:
-    view = memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _nbytes(buf: Buffer) -> int:
@@ -136,7 +133,7 @@ def _guard_list(data: Sequence[Buffer], block_size: int) -> list[int]:
     crc = 0
     need = block_size  # bytes the current block still lacks
     for buf in data:
-        view = _bytes(buf)
+        view = byte_view(buf)
         n = len(view)
         off = 0
         if need < block_size:
@@ -239,7 +236,7 @@ def split(wire: Sequence[Buffer], block_size: int) -> tuple[list[memoryview], li
     """
     if block_size <= 0:
         raise ValueError(f"block size {block_size} is not positive")
-    views = [_bytes(buf) for buf in wire]
+    views = [byte_view(buf) for buf in wire]
     unit = block_size + TUPLE_SIZE
     data: list[memoryview] = []
     pi: list[memoryview] = []
@@ -298,10 +295,10 @@ def interleave(data: Buffers, pi: Buffer, block_size: int) -> list[memoryview]:
     """
     pieces = _as_list(data)
     count = _count_blocks(pieces, block_size)
-    tuples = _bytes(pi)
+    tuples = byte_view(pi)
     if len(tuples) != count * TUPLE_SIZE:
         raise ValueError(f"{len(tuples)} PI bytes for {count} blocks")
-    views = [_bytes(buf) for buf in pieces]
+    views = [byte_view(buf) for buf in pieces]
     out: list[memoryview] = []
     block = 0
     pos = 0  # data bytes of the current block already placed
@@ -351,8 +348,8 @@ def split_into(wire: Sequence[Buffer], block_size: int, data: Buffers, pi: Buffe
         done: int = _native.copy_split(wire, block_size, dst_data, dst_pi)
         return done
     pieces, tuples = split(wire, block_size)
-    scatter(pieces, [_bytes(d) for d in dst_data])
-    scatter(tuples, [_bytes(p) for p in dst_pi])
+    scatter(pieces, [byte_view(d) for d in dst_data])
+    scatter(tuples, [byte_view(p) for p in dst_pi])
     return count
 
 
@@ -369,7 +366,7 @@ def interleave_into(data: Buffers, pi: Buffers, block_size: int, wire: Buffers) 
         done: int = _native.copy_interleave(src_data, block_size, src_pi, dst)
         return done
     tuples = b"".join(src_pi)[: count * TUPLE_SIZE]
-    scatter(interleave(src_data, tuples, block_size), [_bytes(w) for w in dst])
+    scatter(interleave(src_data, tuples, block_size), [byte_view(w) for w in dst])
     return count
 
 
@@ -403,51 +400,24 @@ def gather(
     """
     if limit < 1:
         raise ValueError(f"segment limit {limit} is below 1")
-    views = [_bytes(p) for p in pieces]
+    views = [byte_view(p) for p in pieces]
     if len(views) <= limit:
         return views
     total = sum(len(v) for v in views)
     if bounce is None:
         target = [memoryview(bytearray(total))]
     else:
-        target = [_bytes(b) for b in bounce]
+        target = [byte_view(b) for b in bounce]
         if len(target) > limit:
             raise ValueError(f"{len(target)} bounce segments exceed the limit of {limit}")
         room = sum(len(t) for t in target)
         if room < total:
             raise ValueError(f"bounce of {room} bytes cannot hold {total}")
-        target = _trim(target, total)
+        target = prefix(target, total)
     scatter(views, target)
     return target
 
 
-def _trim(views: list[memoryview], length: int) -> list[memoryview]:
-    out: list[memoryview] = []
-    for v in views:
-        if length <= 0:
-            break
-        out.append(v[:length])
-        length -= len(out[-1])
-    return out
-
-
 def scatter(src: Sequence[Buffer], dst: Sequence[memoryview]) -> int:
     """Copy the bytes of ``src`` into ``dst`` in order; returns the bytes copied."""
-    done = 0
-    di = 0
-    doff = 0
-    targets = [_bytes(d) for d in dst]
-    for s in src:
-        sv = _bytes(s)
-        soff = 0
-        while soff < len(sv) and di < len(targets):
-            d = targets[di]
-            k = min(len(d) - doff, len(sv) - soff)
-            d[doff : doff + k] = sv[soff : soff + k]
-            soff += k
-            doff += k
-            done += k
-            if doff == len(d):
-                di += 1
-                doff = 0
-    return done
+    return copy_views(src, dst)

@@ -82,6 +82,7 @@ from sgtarget.datapath.mapping import MapDirection, Mapped, WindowFull, WindowMa
 from sgtarget.datapath.pool import Pool
 from sgtarget.datapath.sglist import ScatterList
 from sgtarget.datapath.stats import IN, OUT
+from sgtarget.datapath.views import byte_view, copy_views, prefix, split_views
 from sgtarget.ring.dataarea import DEFAULT_DATA_SIZE, DataArea, Extent
 from sgtarget.ring.supervisor import (
     DEFAULT_CMDR_SIZE,
@@ -278,27 +279,6 @@ class _Area:
             self._close()
 
 
-def _bytes(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _copy(src: Sequence[memoryview], dst: Sequence[memoryview]) -> int:
-    """Copy ``src``'s bytes into ``dst`` in order; returns bytes copied (the shorter)."""
-    si = di = so = do = done = 0
-    while si < len(src) and di < len(dst):
-        s, d = src[si], dst[di]
-        n = min(len(s) - so, len(d) - do)
-        d[do : do + n] = s[so : so + n]
-        done += n
-        so += n
-        do += n
-        if so == len(s):
-            si, so = si + 1, 0
-        if do == len(d):
-            di, do = di + 1, 0
-    return done
-
-
 def _zero_from(views: Sequence[memoryview], start: int) -> None:
     """Zero every byte of ``views`` from byte ``start`` of their concatenation on."""
     pos = 0
@@ -310,17 +290,6 @@ def _zero_from(views: Sequence[memoryview], start: int) -> None:
         pos += n
 
 
-def _prefix(views: Sequence[memoryview], n: int) -> list[memoryview]:
-    """The first ``n`` bytes of ``views``."""
-    out: list[memoryview] = []
-    for v in views:
-        if n <= 0:
-            break
-        out.append(v[:n])
-        n -= len(out[-1])
-    return out
-
-
 def _address(view: memoryview, offset: int = 0) -> int:
     """The address of ``view[offset]`` (a writable byte view)."""
     c = ctypes.c_char.from_buffer(view, offset)
@@ -328,23 +297,6 @@ def _address(view: memoryview, offset: int = 0) -> int:
         return ctypes.addressof(c)
     finally:
         del c
-
-
-def _split(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
-    """``views`` cut after ``n`` bytes: the first ``n`` bytes and the rest."""
-    head: list[memoryview] = []
-    tail: list[memoryview] = []
-    for v in views:
-        if n >= len(v):
-            head.append(v)
-            n -= len(v)
-        elif n > 0:
-            head.append(v[:n])
-            tail.append(v[n:])
-            n = 0
-        else:
-            tail.append(v)
-    return head, tail
 
 
 def _split_iovs(
@@ -605,8 +557,8 @@ class RingBackstore(Backstore):
         as its protection information buffer (dif iovecs, same direction); returns the bytes
         of data the handler produced (``read_len``, at most the buffer's length)."""
         sup = self._supervisor()
-        views = [v for v in (_bytes(v) for v in views) if len(v)]
-        pi_views = [v for v in (_bytes(v) for v in pi) if len(v)]
+        views = [v for v in (byte_view(v) for v in views) if len(v)]
+        pi_views = [v for v in (byte_view(v) for v in pi) if len(v)]
         for attempt in range(len(sup.slots) + 1):
             worker = await sup.acquire()
             try:
@@ -674,14 +626,14 @@ class RingBackstore(Backstore):
             if read:
                 _zero_from(dst, 0)  # blocks may hold an earlier command's bytes
             else:
-                pool.stats.add_copy(COPY_REASON, IN, _copy([*views, *pi], dst))
+                pool.stats.add_copy(COPY_REASON, IN, copy_views([*views, *pi], dst))
             iovs = [(worker.data_off + off, ln) for off, ln in extents]
             data_iovs, dif_iovs = _split_iovs(iovs, n)
             got = self._check(await sup.execute(worker, cdb, data_iovs, dif_iovs), n, cdb)
             if read:
-                head, tail = _split(data.views(extents), n)
-                src = _prefix(head, got)  # only what the handler produced
-                copied = _copy(src, views) + (_copy(tail, pi) if pi else 0)
+                head, tail = split_views(data.views(extents), n)
+                src = prefix(head, got)  # only what the handler produced
+                copied = copy_views(src, views) + (copy_views(tail, pi) if pi else 0)
                 pool.stats.add_copy(COPY_REASON, OUT, copied)
                 _zero_from(views, got)
             return got
@@ -757,7 +709,7 @@ class RingBackstore(Backstore):
             if read:
                 self._zero_segments(segs, got, n)
                 for sg, view in staged:
-                    pool.stats.add_copy(STAGE_REASON, OUT, _copy(sg.views(), [view]))
+                    pool.stats.add_copy(STAGE_REASON, OUT, copy_views(sg.views(), [view]))
             return got
         finally:
             if mapped is not None and area.window is not None:
@@ -928,13 +880,13 @@ class RingIO:
         with ``pi_bufs`` each carries its blocks' tuples as dif iovecs."""
         bs_ = self._bs
         read = op == READ_16
-        views = [_bytes(b) for b in bufs]
+        views = [byte_view(b) for b in bufs]
         total = sum(len(v) for v in views)
         bs_._range("read" if read else "write", offset, total)
         bs = bs_.block_size
         tuples: list[memoryview] = []
         if pi_bufs is not None:
-            tuples = [_bytes(b) for b in pi_bufs]
+            tuples = [byte_view(b) for b in pi_bufs]
             want = total // bs * TUPLE_SIZE
             if sum(len(t) for t in tuples) != want:
                 raise BackstoreError(f"{bs_.name}: {want} bytes of tuples expected")
@@ -945,7 +897,7 @@ class RingIO:
                 continue
             pi: list[memoryview] = []
             if pi_bufs is not None:
-                pi, tuples = _split(tuples, n // bs * TUPLE_SIZE)
+                pi, tuples = split_views(tuples, n // bs * TUPLE_SIZE)
             cdb = _RW16.pack(op, 0, pos // bs, n // bs, 0, 0)
             got = await bs_.command(cdb, chunk, read=read, pi=pi)
             if read and got < n:

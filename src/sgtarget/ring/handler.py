@@ -75,6 +75,7 @@ from typing import ClassVar
 
 from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError
 from sgtarget.backstores.pi import ProtectionStore
+from sgtarget.datapath.views import byte_view, copy_views, split_views
 from sgtarget.scsi.lbastatus import (
     LBA_STATUS_DESC,
     LBA_STATUS_HDR,
@@ -256,50 +257,24 @@ def _out_of_range() -> HandlerError:
 # ---- buffers -------------------------------------------------------------------------------
 
 
-def _bytes(view: memoryview) -> memoryview:
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
 def total_length(bufs: Buffers) -> int:
     return sum(b.nbytes for b in bufs)
 
 
 def split_buffers(bufs: Buffers, n: int) -> tuple[list[memoryview], list[memoryview]]:
     """``bufs`` cut after ``n`` bytes: views of the first ``n`` bytes and of the rest."""
-    head: list[memoryview] = []
-    tail: list[memoryview] = []
-    for buf in bufs:
-        view = _bytes(buf)
-        if n >= len(view):
-            head.append(view)
-            n -= len(view)
-        elif n > 0:
-            head.append(view[:n])
-            tail.append(view[n:])
-            n = 0
-        else:
-            tail.append(view)
-    return head, tail
+    return split_views(bufs, n)
 
 
 def copy_to_buffers(data: bytes | bytearray | memoryview, bufs: Buffers) -> int:
     """Copy ``data`` into consecutive ``bufs`` as far as they reach; bytes copied."""
-    src = memoryview(data)
-    done = 0
-    for buf in bufs:
-        if done >= len(src):
-            break
-        view = _bytes(buf)
-        n = min(len(view), len(src) - done)
-        view[:n] = src[done : done + n]
-        done += n
-    return done
+    return copy_views([data], bufs)
 
 
 def _first_difference(current: memoryview, bufs: Buffers) -> int | None:
     pos = 0
     for buf in bufs:
-        view = _bytes(buf)
+        view = byte_view(buf)
         here = current[pos : pos + len(view)]
         if here != view:
             for i in range(len(view)):  # short: COMPARE AND WRITE moves at most 255 blocks

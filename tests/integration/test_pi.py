@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.pi_oracle import crc16
+
 from .harness import StartTarget, Target, describe, require_tool, run
 from .test_raw_pdus import FINAL, Session, bhs, login, read_pdu
 
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
-
-
-def crc16(data: bytes) -> int:
-    """CRC-16/T10-DIF a bit at a time: the oracle, independent of sgtarget's code."""
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x8BB7) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
-    return crc
 
 
 def interleaved(blocks: list[bytes], first_ref: int) -> bytes:

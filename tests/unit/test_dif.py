@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from sgtarget.datapath import dif
 from sgtarget.datapath.dif import Check, PiError
+from tests.pi_oracle import crc16 as bitwise_crc
 
 #: For property tests that also take the ``impl`` fixture: it is the same for every example.
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
@@ -41,16 +42,6 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         yield name
     finally:
         _dif.use_clmul(clmul)
-
-
-def bitwise_crc(data: bytes) -> int:
-    """The CRC as its definition says, one bit at a time: the oracle for the fast ones."""
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x8BB7) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
-    return crc
 
 
 def chop(data: bytes, cuts: Sequence[int]) -> list[memoryview]:

@@ -21,6 +21,7 @@ from sgtarget.scsi.constants import Status
 from sgtarget.scsi.lu import LogicalUnit
 from sgtarget.scsi.target import ScsiTarget
 from sgtarget.scsi.task import Task, run_inline
+from tests.pi_oracle import crc16
 
 from .scsi_fakes import OTHER_NEXUS, FakeChannel, MemBackstore, run
 
@@ -32,15 +33,6 @@ APP = (0x0B, 0x10, 0x02)
 REF = (0x0B, 0x10, 0x03)
 INVALID_FIELD = (0x05, 0x24, 0x00)
 INVALID_OPCODE = (0x05, 0x20, 0x00)
-
-
-def crc16(data: bytes) -> int:
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x8BB7) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
-    return crc
 
 
 def test_oracle_check_value() -> None:

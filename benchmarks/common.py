@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -469,3 +470,88 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     sys.stdout.flush()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_QEMU_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
+QEMU_TIMEOUT = 600.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc/PID/task/TID/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tasks:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its live descendants (handler processes)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / _TICK
+
+
+@dataclass
+class Run:
+    config: str
+    op: str
+    size: int
+    moved: int = 0
+    seconds: float = 0.0
+    cpu: float = 0.0
+    copied: int = 0
+    error: str = ""
+    rounds: list[float] = field(default_factory=list)
+
+    @property
+    def mib_s(self) -> float:
+        return self.moved / MiB / self.seconds if self.seconds else 0.0
+
+
+def prefill(path: Path, length: int) -> None:
+    """Write the range the runs touch once, so no run pays for the file system allocating
+    blocks (the first run on a sparse file would) and every run overwrites cached pages."""
+    chunk = b"\xa5" * MiB
+    with path.open("r+b") as f:
+        for _ in range(length // MiB):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def qemu_bench_argv(url: str, size: int, depth: int, count: int, *, write: bool) -> list[str]:
+    """``qemu-img bench`` of ``count`` requests of ``size`` bytes at queue depth ``depth``."""
+    argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-s", str(size)]
+    argv += ["-d", str(depth), "-c", str(count)]
+    return [*argv, "-w", url] if write else [*argv, url]
+
+
+def qemu_seconds(output: str) -> float | None:
+    """``qemu-img bench``'s own timing ("Run completed in 2.345 seconds.")."""
+    m = _QEMU_DONE.search(output)
+    return float(m.group(1)) if m else None
+
+
+def qemu_bench(
+    url: str, size: int, depth: int, count: int, *, write: bool, timeout: float = QEMU_TIMEOUT
+) -> tuple[float, Client]:
+    """Run ``qemu-img bench``: its own timing (which excludes process start and login, else
+    the wall time) and the client."""
+    (client,), wall = run_clients([qemu_bench_argv(url, size, depth, count, write=write)], timeout)
+    seconds = qemu_seconds(client.stdout)
+    return (wall if seconds is None else seconds), client

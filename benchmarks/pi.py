@@ -26,14 +26,16 @@ from benchmarks.common import (
     GiB,
     MiB,
     SgTarget,
+    cpu_seconds,
     mib,
     parse_size,
+    prefill,
     print_table,
+    qemu_bench,
     require,
     sparse_file,
 )
 from benchmarks.crc import best_rate
-from benchmarks.ring import bench, cpu_seconds, prefill
 from sgtarget.datapath import dif
 
 #: (label, extra LUN keys)
@@ -61,17 +63,18 @@ def run_one(
 ) -> Run:
     spec = f"file:{path},size={args.size}{keys}"
     count = args.count * MiB // size if size >= 65536 else args.count_small
-    ns = argparse.Namespace(depth=depth, count=count * size // MiB or 1)
+    # Whole MiB of requests (at least one), as the other benchmarks move.
+    requests = (count * size // MiB or 1) * MiB // size
     run = Run()
     os.sync()  # no run meets the writeback of an earlier run's dirty pages
     with SgTarget(spec, pool=args.pool) as t:
         cpu0 = cpu_seconds(t.pid)
-        seconds, client = bench(t.url, op, size, ns)
+        seconds, client = qemu_bench(t.url, size, depth, requests, write=op == "WRITE")
         run.cpu = cpu_seconds(t.pid) - cpu0
         t.stop()
     if not client.ok:
         raise BenchError(f"{op} {size}: client failed\n{client.report()}")
-    run.moved = (ns.count * MiB // size) * size
+    run.moved = requests * size
     run.seconds = seconds
     return run
 

@@ -16,31 +16,28 @@ in-process.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import (
     BenchError,
-    Client,
     GiB,
     MiB,
     SgTarget,
     Stats,
+    cpu_seconds,
     mib,
     parse_size,
+    prefill,
     print_table,
+    qemu_bench,
     require,
-    run_clients,
     sparse_file,
 )
 
-BENCH_TIMEOUT = 600.0
 NOT_PAYLOAD = ("emulated-reply",)
-_TICK = os.sysconf("SC_CLK_TCK")
 
 #: (label, extra LUN keys)
 CONFIGS: tuple[tuple[str, str], ...] = (
@@ -52,33 +49,8 @@ CONFIGS: tuple[tuple[str, str], ...] = (
 SCALING: tuple[tuple[str, str], ...] = (("zerocopy x2", ",handler=zerocopy,handlers=2"),)
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants, from /proc/PID/task/TID/children."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except FileNotFoundError:
-            continue
-        for tid in tasks:
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live descendants (handler processes)."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except FileNotFoundError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / _TICK
+def _payload(stats: Stats) -> int:
+    return sum(v for k, v in stats.copies.items() if k.split("/")[0] not in NOT_PAYLOAD)
 
 
 @dataclass
@@ -98,20 +70,6 @@ class Run:
         return self.moved / MiB / self.seconds if self.seconds else 0.0
 
 
-def bench(url: str, op: str, size: int, args: argparse.Namespace) -> tuple[float, Client]:
-    argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-s", str(size)]
-    argv += ["-d", str(args.depth), "-c", str(args.count * MiB // size)]
-    if op == "WRITE":
-        argv.append("-w")
-    (client,), wall = run_clients([[*argv, url]], BENCH_TIMEOUT)
-    m = re.search(r"Run completed in ([0-9.]+) seconds", client.stdout)
-    return (float(m.group(1)) if m else wall), client
-
-
-def _payload(stats: Stats) -> int:
-    return sum(v for k, v in stats.copies.items() if k.split("/")[0] not in NOT_PAYLOAD)
-
-
 Runs = dict[tuple[str, str, int], Run]
 
 
@@ -129,7 +87,9 @@ def run_config(path: Path, label: str, keys: str, args: argparse.Namespace, runs
                 # A fresh process per run: its stats line covers this run only.
                 with SgTarget(spec, pool=args.pool) as t:
                     cpu0 = cpu_seconds(t.pid)
-                    seconds, client = bench(t.url, op, size, args)
+                    seconds, client = qemu_bench(
+                        t.url, size, args.depth, args.count * MiB // size, write=op == "WRITE"
+                    )
                     cpu = cpu_seconds(t.pid) - cpu0
                     stats = t.stop()
             except BenchError as exc:
@@ -147,17 +107,6 @@ def run_config(path: Path, label: str, keys: str, args: argparse.Namespace, runs
                 run.moved, run.seconds = moved, seconds
             run.cpu += cpu
             run.copied += _payload(stats)
-
-
-def prefill(path: Path, length: int) -> None:
-    """Write the range the runs touch once, so no run pays for the file system allocating
-    blocks (the first run on a sparse file would) and every run overwrites cached pages."""
-    chunk = b"\xa5" * MiB
-    with path.open("r+b") as f:
-        for _ in range(length // MiB):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def main() -> int:

@@ -44,15 +44,18 @@ from benchmarks.common import (
     MiB,
     SgTarget,
     TgtTarget,
+    cpu_seconds,
     free_port,
     mib,
     parse_size,
+    prefill,
     print_table,
+    qemu_bench_argv,
+    qemu_seconds,
     require,
     run_clients,
     sparse_file,
 )
-from benchmarks.ring import cpu_seconds, prefill
 
 #: Slack on top of a client's expected run time before it is killed.
 CLIENT_SLACK = 120.0
@@ -89,14 +92,7 @@ GOALS: dict[str, dict[str, float]] = {
     "null": {"4K read": 0.8, "128K read": 0.9},
 }
 
-_QEMU_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
 _PERF_AVERAGE = re.compile(r"iops average (\d+) \((\d+) MB/s\)")
-
-
-def qemu_seconds(output: str) -> float | None:
-    """``qemu-img bench``'s own timing ("Run completed in 2.345 seconds.")."""
-    m = _QEMU_DONE.search(output)
-    return float(m.group(1)) if m else None
 
 
 def perf_iops(output: str) -> int | None:
@@ -189,10 +185,7 @@ def client_argv(test: Test, url: str, args: argparse.Namespace) -> list[str]:
         # -b counts logical blocks: both targets' LUNs have 512-byte blocks.
         argv = ["iscsi-perf", "-m", str(test.depth), "-b", str(test.size // 512)]
         return [*argv, "-t", str(args.seconds), url]
-    count = qemu_count(test, args)
-    argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-s", str(test.size)]
-    argv += ["-d", str(test.depth), "-c", str(count)]
-    return [*argv, "-w", url] if test.write else [*argv, url]
+    return qemu_bench_argv(url, test.size, test.depth, qemu_count(test, args), write=test.write)
 
 
 def run_test(test: Test, side: Side, args: argparse.Namespace, result: Result) -> None:

@@ -14,14 +14,12 @@ are not payload.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import (
     BenchError,
-    Client,
     GiB,
     MiB,
     SgTarget,
@@ -30,13 +28,12 @@ from benchmarks.common import (
     mib,
     parse_size,
     print_table,
+    qemu_bench,
     require,
-    run_clients,
     sparse_file,
 )
 
 REQUEST = MiB
-BENCH_TIMEOUT = 600.0
 #: Copy reasons that are not payload (emulated command replies).
 NOT_PAYLOAD = ("emulated-reply",)
 
@@ -60,17 +57,6 @@ class Run:
         return sum(v for k, v in self.stats.copies.items() if k.split("/")[0] not in NOT_PAYLOAD)
 
 
-def bench(url: str, op: str, args: argparse.Namespace) -> tuple[float, Client]:
-    argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-s", str(REQUEST)]
-    argv += ["-d", str(args.depth), "-c", str(args.count)]
-    if op == "WRITE":
-        argv.append("-w")
-    (client,), wall = run_clients([[*argv, url]], BENCH_TIMEOUT)
-    # qemu-img's own timing excludes process start and login.
-    m = re.search(r"Run completed in ([0-9.]+) seconds", client.stdout)
-    return (float(m.group(1)) if m else wall), client
-
-
 def run_sgtarget(path: Path, size: int, direct: bool, args: argparse.Namespace) -> list[Run]:
     config = "sgtarget direct=1" if direct else "sgtarget"
     spec = f"file:{path},size={size}" + (",direct=1" if direct else "")
@@ -81,7 +67,9 @@ def run_sgtarget(path: Path, size: int, direct: bool, args: argparse.Namespace) 
         try:
             # A fresh process per direction: its stats line then covers this direction only.
             with SgTarget(spec, pool=args.pool) as t:
-                run.seconds, client = bench(t.url, op, args)
+                run.seconds, client = qemu_bench(
+                    t.url, REQUEST, args.depth, args.count, write=op == "WRITE"
+                )
                 run.stats = t.stop()
         except BenchError as exc:
             if direct and "refused to start" in str(exc):
@@ -101,7 +89,9 @@ def run_tgt(path: Path, args: argparse.Namespace) -> list[Run]:
     with TgtTarget(path) as t:
         for op in ("WRITE", "READ"):
             run = Run("tgt", op)
-            run.seconds, client = bench(t.url, op, args)
+            run.seconds, client = qemu_bench(
+                t.url, REQUEST, args.depth, args.count, write=op == "WRITE"
+            )
             if client.ok:
                 run.moved = args.count * REQUEST
             else:

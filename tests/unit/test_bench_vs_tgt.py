@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.common import MiB
-from benchmarks.vs_tgt import GOALS, TESTS, client_argv, iperf3_bps, perf_iops, qemu_seconds
+from benchmarks.common import MiB, qemu_seconds
+from benchmarks.vs_tgt import GOALS, TESTS, client_argv, iperf3_bps, perf_iops
 
 QEMU = (
     "Sending 20000 read requests, 4096 bytes each, 32 in parallel "

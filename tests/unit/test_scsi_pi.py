@@ -161,6 +161,8 @@ class PiIO:
         self.prefetch = io.prefetch
         self.discard = io.discard
         self.mapped_extents = io.mapped_extents
+        self.readv_now = io.readv_now
+        self.writev_now = io.writev_now
 
     async def readv_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int:
         n = await self._io.readv(offset, bufs)

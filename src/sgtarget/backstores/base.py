@@ -57,6 +57,10 @@ class BackstoreIO(Protocol):
     async def prefetch(self, offset: int, length: int) -> None: ...
     async def discard(self, offset: int, length: int) -> None: ...
     async def mapped_extents(self, offset: int, length: int) -> Extents: ...
+    # The immediate path (``LogicalUnit.execute_now``): done before returning, without
+    # blocking the event loop, or ``None`` having done nothing (then await the call above).
+    def readv_now(self, offset: int, bufs: Buffers) -> int | None: ...
+    def writev_now(self, offset: int, bufs: Buffers) -> int | None: ...
 
 
 @runtime_checkable
@@ -165,11 +169,18 @@ async def run_inline(fn: Callable[..., T], /, *args: Any) -> T:
 class RunnerIO:
     """``BackstoreIO`` for a synchronous backstore: each call through a ``Runner``."""
 
-    __slots__ = ("_bs", "_run")
+    __slots__ = ("_bs", "_inline", "_run")
 
     def __init__(self, backstore: Backstore, runner: Runner) -> None:
         self._bs = backstore
         self._run = runner
+        self._inline = runner is run_inline
+
+    def readv_now(self, offset: int, bufs: Buffers) -> int | None:
+        return self._bs.readv(offset, bufs) if self._inline else None
+
+    def writev_now(self, offset: int, bufs: Buffers) -> int | None:
+        return self._bs.writev(offset, bufs) if self._inline else None
 
     async def readv(self, offset: int, bufs: Buffers) -> int:
         return await self._run(self._bs.readv, offset, bufs)

@@ -401,6 +401,9 @@ class _CachedReadIO(RunnerIO):
         super().__init__(backstore, runner)
         self._file = backstore
 
+    def readv_now(self, offset: int, bufs: Buffers) -> int | None:
+        return self._file.read_nowait(offset, bufs)
+
     async def readv(self, offset: int, bufs: Buffers) -> int:
         n = self._file.read_nowait(offset, bufs)
         if n is not None:

@@ -43,6 +43,9 @@ class NullBackstore(Backstore):
         for buf in bufs:
             view = byte_view(buf)
             n = len(view)
+            if n <= chunk:  # pool views are at most a block: one slice assignment
+                view[:] = _ZEROS[:n]
+                continue
             for pos in range(0, n, chunk):
                 end = min(pos + chunk, n)
                 view[pos:end] = _ZEROS[: end - pos]

@@ -46,6 +46,15 @@ class BlockMap:
     def free(self) -> int:
         return self.nblocks - self.in_use
 
+    def take_one(self) -> int:
+        """One free block (``take(1)`` without the run list); the caller checked ``free``."""
+        idx = self._map.find(_FREE, 0, self.thresh)
+        if idx < 0:
+            return self.take(1)[0][0]
+        self._map[idx] = _USED
+        self.in_use += 1
+        return idx
+
     def take(self, need: int) -> list[tuple[int, int]]:
         """``need`` free blocks as ``(first, count)`` runs, lowest first; the caller has
         checked that ``need <= free``."""
@@ -74,7 +83,10 @@ class BlockMap:
         bmap = self._map
         if bmap.find(_FREE, first, first + count) >= 0:
             raise RuntimeError(f"double free of blocks {first}+{count}")
-        bmap[first : first + count] = bytes(count)
+        if count == 1:
+            bmap[first] = _FREE
+        else:
+            bmap[first : first + count] = bytes(count)
         self.in_use -= count
 
     def shrink(self) -> tuple[int, int]:

@@ -86,7 +86,10 @@ class Pool:
 
     def under_pressure(self) -> bool:
         """Short of memory: someone waits, or less than a quarter of the pool is usable."""
-        return self.waiting > 0 or self.usable_blocks() < self.nblocks // 4
+        # Asked for every PDU header the target sends (MaxCmdSN): no calls inside.
+        blocks = self._blocks
+        usable = blocks.nblocks - blocks.in_use - self.reserve_blocks
+        return self.waiting > 0 or usable < self.nblocks // 4
 
     def try_alloc_upto(self, nbytes: int) -> ScatterList | None:
         """As many whole blocks as are usable, up to ``nbytes``; ``None`` if not even one."""
@@ -105,20 +108,28 @@ class Pool:
         Adjacent blocks are merged into one segment, so a run of free blocks becomes a single
         contiguous entry. Only ``reserve=True`` may dip into the reserve.
         """
-        need = self.blocks_for(nbytes)
-        if need > self.usable_blocks(reserve=reserve):
-            self.stats.failed_allocations += 1
+        bs = self.block_size
+        need = -(-nbytes // bs)
+        blocks = self._blocks
+        usable = blocks.nblocks - blocks.in_use - (0 if reserve else self.reserve_blocks)
+        stats = self.stats
+        if need > usable:
+            stats.failed_allocations += 1
             return None
         sg = ScatterList(self)
-        remaining = nbytes
-        bs = self.block_size
-        for idx, run in self._blocks.take(need):
-            take = min(remaining, run * bs)
-            sg.append_blocks(idx, run, take)
-            remaining -= take
-        self.stats.allocations += 1
-        self.stats.blocks_in_use += sg.nblocks
-        self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.stats.blocks_in_use)
+        if need == 1:  # most commands: one block, no run list
+            sg.segments.append((blocks.take_one(), 1, nbytes))
+            sg.length = nbytes
+            sg.nblocks = 1
+        else:
+            remaining = nbytes
+            for idx, run in blocks.take(need):
+                take = min(remaining, run * bs)
+                sg.append_blocks(idx, run, take)
+                remaining -= take
+        stats.allocations += 1
+        stats.blocks_in_use += need
+        stats.peak_blocks_in_use = max(stats.peak_blocks_in_use, stats.blocks_in_use)
         return sg
 
     def alloc(self, nbytes: int) -> ScatterList:

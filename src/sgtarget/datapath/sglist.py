@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sgtarget.datapath.pool import Pool
+    from sgtarget.datapath.stats import DataPathStats
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -71,6 +72,13 @@ class ScatterList:
         self.segments = segs
         self.length = length
 
+    @property
+    def stats(self) -> DataPathStats:
+        """The counters of the pool the blocks belong to."""
+        if self._pool is None:
+            raise ValueError("scatter list already released")
+        return self._pool.stats
+
     def _block_size(self) -> int:
         if self._pool is None:
             raise ValueError("scatter list already released")
@@ -92,6 +100,10 @@ class ScatterList:
             length = self.length - offset
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range {offset}+{length} outside scatter list of {self.length}")
+        pool = self._pool
+        if len(self.segments) == 1 and length and pool is not None:  # one run: one slice
+            start = self.segments[0][0] * pool.block_size + offset
+            return [pool.arena[start : start + length]]
         out: list[memoryview] = []
         for view in self._views():
             if length == 0:

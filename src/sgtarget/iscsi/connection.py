@@ -48,6 +48,10 @@ from sgtarget.scsi.task import DataDirection, Nexus
 
 log = logging.getLogger(__name__)
 
+#: Packs a whole BHS as bytes (no AHS, so the AHS/DSL word is the data length): the PDUs of
+#: every command are built with it, without ``pdu.build``'s keywords and bytearray copy.
+_BHS_PACK = pdu.BHS.pack
+
 #: Login PDUs carry at most this much text (RFC 7143: 8192 until MRDSL is negotiated).
 LOGIN_MAX_DATA = 8192
 #: Largest text a Text/Login exchange may accumulate over continued PDUs.
@@ -969,6 +973,20 @@ class Connection:
                 self._issue_r2ts(cmd, wr)
         return sg
 
+    def data_here(self, cmd: Command) -> ScatterList | None:
+        """All of ``cmd``'s Data-Out if it came as immediate data, else ``None``.
+
+        The list stays the command's (``complete`` releases it), so a caller that cannot use
+        it leaves everything as it was for ``request_data``.
+        """
+        wr = cmd.wr
+        if wr is None or cmd.aborted or cmd.data_error is not None:
+            return None
+        sg = wr.rx_sg
+        if sg is None or wr.rx_base or wr.rx_have < cmd.write_edtl or sg.length < cmd.write_edtl:
+            return None
+        return sg
+
     def request_data(self, cmd: Command, offset: int, length: int) -> ScatterList | None:
         """Data-Out bytes from ``offset``, at most ``length`` of them, for the LU.
 
@@ -1110,19 +1128,24 @@ class Connection:
                 cmd.held_offset = pos
                 return
             final = (pos + n) % burst == 0
-            bhs = pdu.build(
+            bhs = _BHS_PACK(
                 Opcode.DATA_IN,
-                b1=F_FINAL if final else 0,
-                lun=lun,
-                itt=cmd.itt,
-                w5=pdu.RESERVED_TAG,
-                w7=session.exp_cmdsn,
-                w8=session.max_cmdsn,
-                w9=cmd.datasn,
-                w10=pos,
+                F_FINAL if final else 0,
+                0,
+                0,
+                n,
+                lun,
+                cmd.itt,
+                pdu.RESERVED_TAG,
+                0,
+                session.exp_cmdsn,
+                session.max_cmdsn,
+                cmd.datasn,
+                pos,
+                0,
             )
             cmd.datasn += 1
-            self._emit(bhs, views, n)
+            self._emit_bhs(bhs, views, n)
             pos += n
         self._out_release.append(sg)
 
@@ -1165,43 +1188,50 @@ class Connection:
         good = cmd.status == Status.GOOD and not cmd.sense
         if cmd.held_sg is not None and cmd.held_views is not None:
             # The last Data-In: with the status folded in when it is GOOD (RFC 7143 §11.7.4).
-            n = sum(len(v) for v in cmd.held_views)
-            bhs = pdu.build(
+            views = cmd.held_views
+            n = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
+            bhs = _BHS_PACK(
                 Opcode.DATA_IN,
-                b1=F_FINAL | (pdu.F_STATUS | flags if good else 0),
-                b3=cmd.status if good else 0,
-                lun=int.from_bytes(cmd.lun, "big"),
-                itt=cmd.itt,
-                w5=pdu.RESERVED_TAG,
-                w6=self._next_statsn() if good else 0,
-                w7=session.exp_cmdsn,
-                w8=session.max_cmdsn,
-                w9=cmd.datasn,
-                w10=cmd.held_offset,
-                w11=residual if good else 0,
+                F_FINAL | (pdu.F_STATUS | flags if good else 0),
+                0,
+                cmd.status if good else 0,
+                n,
+                int.from_bytes(cmd.lun, "big"),
+                cmd.itt,
+                pdu.RESERVED_TAG,
+                self._next_statsn() if good else 0,
+                session.exp_cmdsn,
+                session.max_cmdsn,
+                cmd.datasn,
+                cmd.held_offset,
+                residual if good else 0,
             )
             cmd.datasn += 1
-            self._emit(bhs, cmd.held_views, n)
+            self._emit_bhs(bhs, views, n)
             self._out_release.append(cmd.held_sg)
             cmd.held_sg = None
             cmd.held_views = None
             if good:
                 return
         data = pdu.sense_segment(cmd.sense) if cmd.sense else b""
-        bhs = pdu.build(
+        bhs = _BHS_PACK(
             Opcode.SCSI_RESPONSE,
-            b1=F_FINAL | flags,
-            b3=cmd.status,
-            data_len=len(data),
-            itt=cmd.itt,
-            w6=self._next_statsn(),
-            w7=session.exp_cmdsn,
-            w8=session.max_cmdsn,
+            F_FINAL | flags,
+            0,
+            cmd.status,
+            len(data),
+            0,
+            cmd.itt,
+            0,
+            self._next_statsn(),
+            session.exp_cmdsn,
+            session.max_cmdsn,
             # ExpDataSN: the Data-In and R2T PDUs sent for the command.
-            w9=cmd.datasn + (cmd.wr.r2tsn if cmd.wr is not None else 0),
-            w11=residual,
+            cmd.datasn + (cmd.wr.r2tsn if cmd.wr is not None else 0),
+            0,
+            residual,
         )
-        self._emit(bhs, [data] if data else [], len(data))
+        self._emit_bhs(bhs, [data] if data else [], len(data))
 
     def _cleanup_command(self, cmd: Command) -> None:
         self._release_held(cmd)
@@ -1424,10 +1454,14 @@ class Connection:
         """Queue one PDU: BHS (+digest), data views, padding (+digest)."""
         if n != 0:
             bhs[5:8] = n.to_bytes(3, "big")
+        self._emit_bhs(bytes(bhs), data, n)
+
+    def _emit_bhs(self, bhs: bytes, data: Sequence[BytesLike], n: int) -> None:
+        """``_emit`` for a BHS packed whole, its DataSegmentLength ``n`` included."""
         out = self._out
         if self._header_digest:
             bhs += digest(bhs)
-        out.append(bytes(bhs))
+        out.append(bhs)
         if n:
             out.extend(data)
             pad = pdu.pad_for(n)

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError, PiBackstoreIO
 from sgtarget.datapath import PoolExhausted, ScatterList, bounce, dif
 from sgtarget.scsi.cdb import (
+    RW10,
+    RW16,
     BlockCdb,
     decode_block,
     decode_inquiry,
@@ -79,7 +81,14 @@ from sgtarget.scsi.reservations import (
 )
 from sgtarget.scsi.sanitize import BDC_ERASE_READS, SanitizeAction, Sanitizer, cmd_sanitize
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
-from sgtarget.scsi.task import BlockingRunner, DataChannel, Task, run_inline
+from sgtarget.scsi.task import (
+    BlockingRunner,
+    DataChannel,
+    DataDirection,
+    ImmediateChannel,
+    Task,
+    run_inline,
+)
 from sgtarget.scsi.writes import cmd_orwrite, cmd_write_atomic, fill_atomic_limits
 from sgtarget.scsi.xcopy import (
     CopyResults,
@@ -492,6 +501,98 @@ class LogicalUnit:
         return bool(self._nexus(key).pending)
 
     # ---- dispatch ----------------------------------------------------------------------------
+
+    def execute_now(self, task: Task, tx: ImmediateChannel) -> bool:
+        """Run a plain READ or WRITE (10/16) to its end without yielding, or do nothing.
+
+        The fast path of issue 7: one decode, no coroutine, no task, no thread. It takes only
+        commands whose every check passes and whose I/O the backstore completes at once (a
+        page-cache hit, RAM, null) within one pool window, with all of a WRITE's data already
+        here as immediate data. Anything else -- an error to report, a unit attention, a
+        reservation, PI, FUA, a cache miss, a busy range or pool -- returns False before any
+        side effect, and ``execute`` runs the command (and finds the error) as always.
+        """
+        cdb = task.cdb
+        op = cdb[0] if cdb else -1
+        if op in (0x28, 0x2A):  # READ(10), WRITE(10)
+            if len(cdb) < 10:
+                return False
+            _op, flags, lba, _group, length, control = RW10.unpack_from(cdb)
+        elif op in (0x88, 0x8A):  # READ(16), WRITE(16)
+            if len(cdb) < 16:
+                return False
+            _op, flags, lba, length, _group, control = RW16.unpack_from(cdb)
+        else:
+            return False
+        write = op & 0x02 == 0x02
+        bs = self.block_size
+        nbytes = length * bs
+        # Flags (protect, DPO, FUA), NACA, an empty transfer or one that is not exactly EDTL
+        # (residuals) all take the full path.
+        if flags or control & 0x04 or not length or nbytes != task.expected_length:
+            return False
+        if nbytes > IO_WINDOW or lba >= self.num_blocks or length > self.num_blocks - lba:
+            return False
+        if task.direction is not (DataDirection.WRITE if write else DataDirection.READ):
+            return False
+        key = task.nexus.key if task.nexus is not None else DEFAULT_NEXUS_KEY
+        state = self._nexuses.get(key)
+        if state is None or state.pending or not self.medium_present:
+            return False
+        res = self.reservations
+        if res.spc2_holder is not None or res.reservation is not None:
+            return False
+        if self.protection is not None and self.protection.ptype:
+            return False
+        if not self.sanitizer.idle or self.backstore.limits is not None:
+            return False
+        if write and self.readonly:
+            return False
+        offset = lba * bs
+        ranges = self.ranges
+        held = ranges.try_acquire(offset, offset + nbytes)
+        if held is None:
+            return False
+        try:
+            if write:
+                sg = tx.data_now(task)
+                if sg is None or not self._now(self.io.writev_now, sg, offset, nbytes):
+                    return False
+            else:
+                sg = tx.alloc_now(nbytes)
+                if sg is None:
+                    return False
+                if not self._now(self.io.readv_now, sg, offset, nbytes):
+                    sg.release()
+                    return False
+        finally:
+            ranges.release(held)
+        task.status = Status.GOOD
+        task.sense = b""
+        task.transfer_length = nbytes
+        if not write:
+            tx.send_now(task, sg, nbytes)
+        return True
+
+    @staticmethod
+    def _now(
+        call: Callable[[int, Sequence[memoryview]], int | None],
+        sg: ScatterList,
+        offset: int,
+        n: int,
+    ) -> bool:
+        """One immediate backstore call on ``sg[0:n]``; False if it could not be done now.
+
+        A backstore error is False too: the full path runs the I/O again and reports it.
+        """
+        try:
+            done = call(offset, sg.views(0, n))
+        except BackstoreError:
+            return False
+        if done is None:
+            return False
+        sg.stats.zero_copy_ios += 1
+        return True
 
     async def execute(self, task: Task, channel: DataChannel) -> None:
         """Run ``task``; sets status, sense and transfer_length. Never raises."""

@@ -177,6 +177,11 @@ class Sanitizer:
         return self._state is _State.RUNNING
 
     @property
+    def idle(self) -> bool:
+        """Neither running nor failed: nothing is fenced."""
+        return self._state is _State.IDLE
+
+    @property
     def failed(self) -> bool:
         return self._state is _State.FAILED
 

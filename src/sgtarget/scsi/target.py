@@ -17,7 +17,7 @@ from sgtarget.scsi.lu import (
 )
 from sgtarget.scsi.lun import decode_lun
 from sgtarget.scsi.sense import CheckCondition, SenseData
-from sgtarget.scsi.task import DataChannel, Nexus, Task
+from sgtarget.scsi.task import DataChannel, ImmediateChannel, Nexus, Task
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class ScsiTarget:
         self.luns: dict[int, LogicalUnit] = dict(enumerate(luns))
         for lu in self.luns.values():
             lu.attach(self)
+        #: LUN fields as initiators send them -> LU, decoded once (``execute_now``).
+        self._by_field: dict[bytes, LogicalUnit] = {}
 
     @property
     def name(self) -> str:
@@ -49,6 +51,17 @@ class ScsiTarget:
 
     def logical_units(self) -> Iterable[LogicalUnit]:
         return self.luns.values()
+
+    def execute_now(self, task: Task, tx: ImmediateChannel) -> bool:
+        """``LogicalUnit.execute_now`` for ``task``'s LU; False (nothing done) otherwise."""
+        lu = self._by_field.get(task.lun)
+        if lu is None:
+            lun = decode_lun(task.lun)
+            found = self.luns.get(lun) if lun is not None else None
+            if found is None:
+                return False
+            lu = self._by_field[task.lun] = found
+        return lu.execute_now(task, tx)
 
     async def execute(self, task: Task, channel: DataChannel) -> None:
         """Run ``task``; sets status, sense and transfer_length. Never raises for SCSI errors."""

@@ -129,5 +129,25 @@ class DataChannel(Protocol):
         ...
 
 
+class ImmediateChannel(Protocol):
+    """The synchronous side of a transport, for commands that finish without yielding
+    (``LogicalUnit.execute_now``): nothing here waits, so each call either does its work at
+    once or says it cannot (``None``) and the command takes the ``DataChannel`` path."""
+
+    def alloc_now(self, nbytes: int) -> ScatterList | None:
+        """Pool blocks for ``nbytes`` if they are free now (and nobody waits for memory)."""
+        ...
+
+    def data_now(self, task: Task) -> ScatterList | None:
+        """All of ``task``'s Data-Out if it is already here (immediate data), still owned by
+        the transport (released when the task completes); else ``None``."""
+        ...
+
+    def send_now(self, task: Task, sg: ScatterList, length: int) -> None:
+        """Send ``sg[0:length]``, all of ``task``'s Data-In (ownership passes), the status
+        folded in at completion."""
+        ...
+
+
 #: Runs a blocking backstore call: a thread pool in the server, inline in tests.
 BlockingRunner = Runner

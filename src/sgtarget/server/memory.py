@@ -30,8 +30,10 @@ class MemoryGate:
         pool.on_free = self._wake
 
     def _wake(self) -> None:
-        budget = self.pool.usable_blocks()
         waiters = self._waiters
+        if not waiters:
+            return  # every free of every command lands here: the common case first
+        budget = self.pool.usable_blocks()
         while waiters:
             need, fut = waiters[0]
             if fut.done():

@@ -32,7 +32,7 @@ class NullBackstore(Backstore):
         self.block_size = block_size
 
     def _extent(self, offset: int, bufs: Buffers) -> int:
-        total = sum(b.nbytes for b in bufs)
+        total = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
         if offset < 0 or offset + total > self.size:
             raise BackstoreError(f"null: {offset}+{total} out of range ({self.size} bytes)")
         return total

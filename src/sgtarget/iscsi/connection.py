@@ -131,6 +131,12 @@ Event = (
     | SessionReinstated
 )
 _ImmediateData = tuple[ScatterList | None, int]
+_NO_IMMEDIATE: _ImmediateData = (None, 0)
+
+# Enum members the per-PDU paths compare with, bound once (a member lookup costs a call).
+_SCSI_COMMAND = Opcode.SCSI_COMMAND
+_DATA_OUT = Opcode.DATA_OUT
+_DIRECTIONS = tuple(DataDirection(i) for i in range(4))
 
 
 class CommandAborted(Exception):
@@ -375,7 +381,7 @@ class Connection:
         self._discard_reason = None
 
     def _header_complete(self) -> None:
-        raw = bytes(self._hbuf[: pdu.BHS_LEN])
+        raw = bytes(self._hview[: pdu.BHS_LEN])
         hdr = Header(raw)
         self._hdr = hdr
         if self._header_digest:
@@ -412,6 +418,14 @@ class Connection:
                 self._login_reject(hdr, 0x02, 0x00)
                 return
             self._start_discard(hdr, RejectReason.PROTOCOL_ERROR)
+            return
+        if hdr.data_len == 0 and hdr.opcode != _DATA_OUT:
+            # Most PDUs (every READ): complete with their header, no data phase to set up.
+            self._phase = _RxPhase.BHS
+            self._hneed = pdu.BHS_LEN
+            self._hhave = 0
+            self._hdr = None
+            self._dispatch(hdr, None)
             return
         self._route_data(hdr)
 
@@ -595,9 +609,11 @@ class Connection:
 
     def _dispatch(self, hdr: Header, cmd: Command | None) -> None:
         op = hdr.opcode
-        if op == Opcode.LOGIN_REQUEST:
+        if op == _SCSI_COMMAND:
+            self._on_sequenced(hdr)
+        elif op == Opcode.LOGIN_REQUEST:
             self._on_login(hdr, bytes(self._small) if hdr.data_len else b"")
-        elif op == Opcode.DATA_OUT:
+        elif op == _DATA_OUT:
             self._on_data_out(hdr, cmd)
         else:
             self._on_sequenced(hdr)
@@ -607,15 +623,23 @@ class Connection:
         session = self.session
         assert session is not None
         payload: _ImmediateData | bytes
-        if hdr.opcode == Opcode.SCSI_COMMAND:
+        if hdr.opcode == _SCSI_COMMAND:
             payload = self._pending_rx
-            self._pending_rx = (None, 0)
+            self._pending_rx = _NO_IMMEDIATE
         else:
             payload = bytes(self._small) if hdr.data_len else b""
         if hdr.immediate:
             self._deliver(hdr, payload)
             return
         cmdsn = hdr.cmdsn
+        if cmdsn == session.exp_cmdsn and not self._deferred and session.has_room():
+            # In order, the common case: straight through.
+            session.exp_cmdsn = (cmdsn + 1) & 0xFFFFFFFF
+            if hdr.opcode == _SCSI_COMMAND:
+                self._on_scsi_command(hdr, payload if isinstance(payload, tuple) else _NO_IMMEDIATE)
+            else:
+                self._deliver(hdr, payload)
+            return
         if not session.in_window(cmdsn):
             # RFC 7143 §3.2.2.1: silently ignored.
             log.info(
@@ -849,7 +873,7 @@ class Connection:
         # Nearly every command names one of a few LUNs: share their field objects.
         cmd.lun = self._luns.setdefault(hdr.lun_bytes, hdr.lun_bytes)
         cmd.expected_length = edtl
-        cmd.direction = DataDirection(int(read) | (int(write) << 1))
+        cmd.direction = _DIRECTIONS[int(read) | (int(write) << 1)]
         cmd.tag = hdr.itt
         cmd.nexus = session.nexus
         cmd.cmdsn = hdr.cmdsn

@@ -211,6 +211,14 @@ class Session:
             cmd.clear()
             self.free_slots.append(cmd)
 
+    def has_room(self) -> bool:
+        """``in_window(exp_cmdsn)`` without recomputing MaxCmdSN while the advertised
+        window still covers ExpCmdSN (every in-order command asks)."""
+        adv = self.advertised
+        if adv is not None and ((adv - self.exp_cmdsn) & 0xFFFFFFFF) < 0x80000000:
+            return True
+        return self.in_window(self.exp_cmdsn)
+
     def in_window(self, cmdsn: int) -> bool:
         return sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)
 

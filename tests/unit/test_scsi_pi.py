@@ -163,6 +163,7 @@ class PiIO:
         self.mapped_extents = io.mapped_extents
         self.readv_now = io.readv_now
         self.writev_now = io.writev_now
+        self.writev_soon = io.writev_soon
 
     async def readv_pi(self, offset: int, bufs: Buffers, pi_bufs: Buffers) -> int:
         n = await self._io.readv(offset, bufs)

@@ -1011,6 +1011,15 @@ class Connection:
             return None
         return sg
 
+    def take_data(self, cmd: Command) -> ScatterList:
+        """``data_here``'s list, handed over: ``complete`` and a lost connection no longer
+        release it (a write may still be reading it)."""
+        wr = cmd.wr
+        assert wr is not None
+        assert wr.rx_sg is not None
+        sg, wr.rx_sg = wr.rx_sg, None
+        return sg
+
     def request_data(self, cmd: Command, offset: int, length: int) -> ScatterList | None:
         """Data-Out bytes from ``offset``, at most ``length`` of them, for the LU.
 

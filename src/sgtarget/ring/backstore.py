@@ -76,6 +76,7 @@ from sgtarget.backstores.base import (
     Buffers,
     Extents,
     Runner,
+    WriteDone,
 )
 from sgtarget.backstores.pi import TUPLE_SIZE, ProtectionStore
 from sgtarget.datapath.mapping import MapDirection, Mapped, WindowFull, WindowMapping
@@ -856,6 +857,9 @@ class RingIO:
 
     def writev_now(self, offset: int, bufs: Buffers) -> int | None:
         return None
+
+    def writev_soon(self, offset: int, bufs: Buffers, done: WriteDone) -> bool:
+        return False
 
     async def readv(self, offset: int, bufs: Buffers) -> int:
         return await self._transfer(READ_16, offset, bufs)

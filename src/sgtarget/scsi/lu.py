@@ -14,6 +14,7 @@ scatter lists from the transport's pool, so an 8 MiB command holds at most 1 MiB
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import struct
@@ -70,7 +71,7 @@ from sgtarget.scsi.provisioning import (
     provisioning_vpd_body,
     rc16_provisioning,
 )
-from sgtarget.scsi.rangelock import RangeLock
+from sgtarget.scsi.rangelock import Held, RangeLock
 from sgtarget.scsi.reservations import (
     PROUT_PARAM_LEN,
     Conflict,
@@ -82,6 +83,9 @@ from sgtarget.scsi.reservations import (
 from sgtarget.scsi.sanitize import BDC_ERASE_READS, SanitizeAction, Sanitizer, cmd_sanitize
 from sgtarget.scsi.sense import NO_SENSE, CheckCondition, SenseData
 from sgtarget.scsi.task import (
+    NOW_DECLINED,
+    NOW_DONE,
+    NOW_PENDING,
     BlockingRunner,
     DataChannel,
     DataDirection,
@@ -121,6 +125,10 @@ MAX_TRANSFER_BYTES = 8 * 1024 * 1024
 PHYSICAL_BLOCK_SIZE = 4096
 #: Key for tasks that arrive without a nexus (tests, internal callers).
 DEFAULT_NEXUS_KEY = "<no nexus>"
+# Bound once for ``execute_now``, which compares with them per command.
+_DATA_IN = DataDirection.READ
+_DATA_OUT = DataDirection.WRITE
+_GOOD = Status.GOOD
 #: IEEE company ID in our NAA-6 designators. We hold no OUI; uniqueness comes from the 100
 #: hashed bits of the vendor-specific fields, so the value only has to be stable.
 NAA_COMPANY_ID = 0x000000
@@ -502,77 +510,88 @@ class LogicalUnit:
 
     # ---- dispatch ----------------------------------------------------------------------------
 
-    def execute_now(self, task: Task, tx: ImmediateChannel) -> bool:
-        """Run a plain READ or WRITE (10/16) to its end without yielding, or do nothing.
+    def execute_now(self, task: Task, tx: ImmediateChannel) -> int:
+        """Run a plain READ or WRITE (10/16) without a coroutine, or do nothing.
 
-        The fast path of issue 7: one decode, no coroutine, no task, no thread. It takes only
-        commands whose every check passes and whose I/O the backstore completes at once (a
-        page-cache hit, RAM, null) within one pool window, with all of a WRITE's data already
-        here as immediate data. Anything else -- an error to report, a unit attention, a
-        reservation, PI, FUA, a cache miss, a busy range or pool -- returns False before any
-        side effect, and ``execute`` runs the command (and finds the error) as always.
+        The fast path of issue 7: one decode, no task. It takes only commands whose every
+        check passes and whose I/O fits one pool window, with all of a WRITE's data already
+        here as immediate data. It answers ``NOW_DONE`` when the backstore did the I/O at
+        once (a page-cache hit, RAM, null), ``NOW_PENDING`` for a WRITE handed to the
+        backstore's batched writer (``writev_soon``: ``tx.finish`` follows). Anything else --
+        an error to report, a unit attention, a reservation, PI, FUA, a cache miss, a busy
+        range or pool -- is ``NOW_DECLINED`` before any side effect, and ``execute`` runs the
+        command (and finds the error) as always.
         """
         cdb = task.cdb
         op = cdb[0] if cdb else -1
         if op in (0x28, 0x2A):  # READ(10), WRITE(10)
             if len(cdb) < 10:
-                return False
+                return NOW_DECLINED
             _op, flags, lba, _group, length, control = RW10.unpack_from(cdb)
         elif op in (0x88, 0x8A):  # READ(16), WRITE(16)
             if len(cdb) < 16:
-                return False
+                return NOW_DECLINED
             _op, flags, lba, length, _group, control = RW16.unpack_from(cdb)
         else:
-            return False
+            return NOW_DECLINED
         write = op & 0x02 == 0x02
         bs = self.block_size
         nbytes = length * bs
         # Flags (protect, DPO, FUA), NACA, an empty transfer or one that is not exactly EDTL
         # (residuals) all take the full path.
         if flags or control & 0x04 or not length or nbytes != task.expected_length:
-            return False
+            return NOW_DECLINED
         if nbytes > IO_WINDOW or lba >= self.num_blocks or length > self.num_blocks - lba:
-            return False
-        if task.direction is not (DataDirection.WRITE if write else DataDirection.READ):
-            return False
+            return NOW_DECLINED
+        if task.direction is not (_DATA_OUT if write else _DATA_IN):
+            return NOW_DECLINED
         key = task.nexus.key if task.nexus is not None else DEFAULT_NEXUS_KEY
         state = self._nexuses.get(key)
         if state is None or state.pending or not self.medium_present:
-            return False
+            return NOW_DECLINED
         res = self.reservations
         if res.spc2_holder is not None or res.reservation is not None:
-            return False
+            return NOW_DECLINED
         if self.protection is not None and self.protection.ptype:
-            return False
+            return NOW_DECLINED
         if not self.sanitizer.idle or self.backstore.limits is not None:
-            return False
+            return NOW_DECLINED
         if write and self.readonly:
-            return False
+            return NOW_DECLINED
         offset = lba * bs
         ranges = self.ranges
         held = ranges.try_acquire(offset, offset + nbytes)
         if held is None:
-            return False
-        try:
-            if write:
-                sg = tx.data_now(task)
-                if sg is None or not self._now(self.io.writev_now, sg, offset, nbytes):
-                    return False
-            else:
-                sg = tx.alloc_now(nbytes)
-                if sg is None:
-                    return False
-                if not self._now(self.io.readv_now, sg, offset, nbytes):
+            return NOW_DECLINED
+        io = self.io
+        if write:
+            sg = tx.data_now(task)
+            if sg is None:
+                ranges.release(held)
+                return NOW_DECLINED
+            if not self._now(io.writev_now, sg, offset, nbytes):
+                views = sg.views(0, nbytes)
+                done = functools.partial(self._written, task, tx, sg, held)
+                if not io.writev_soon(offset, views, done):
+                    ranges.release(held)
+                    return NOW_DECLINED
+                tx.take_data(task)  # the write owns the blocks until it is done
+                task.transfer_length = nbytes
+                return NOW_PENDING
+        else:
+            sg = tx.alloc_now(nbytes)
+            if sg is None or not self._now(io.readv_now, sg, offset, nbytes):
+                ranges.release(held)
+                if sg is not None:
                     sg.release()
-                    return False
-        finally:
-            ranges.release(held)
-        task.status = Status.GOOD
+                return NOW_DECLINED
+        ranges.release(held)
+        task.status = _GOOD
         task.sense = b""
         task.transfer_length = nbytes
         if not write:
             tx.send_now(task, sg, nbytes)
-        return True
+        return NOW_DONE
 
     @staticmethod
     def _now(
@@ -593,6 +612,38 @@ class LogicalUnit:
             return False
         sg.stats.zero_copy_ios += 1
         return True
+
+    def _written(
+        self,
+        task: Task,
+        tx: ImmediateChannel,
+        sg: ScatterList,
+        held: Held,
+        error: BaseException | None,
+    ) -> None:
+        """A ``NOW_PENDING`` WRITE is done: its status as ``execute`` would have set it."""
+        self.ranges.release(held)
+        offset = held[0]
+        if error is None:
+            sg.stats.zero_copy_ios += 1
+            task.status = _GOOD
+            task.sense = b""
+        elif isinstance(error, BackstoreBusy):
+            log.info("BUSY for CDB %s on %s: %s", task.cdb.hex(), self.identity, str(error))
+            task.status = Status.BUSY
+            task.sense = b""
+        elif isinstance(error, BackstoreError):
+            log.warning("write at %d failed on %s: %s", offset, self.identity, str(error))
+            task.status = Status.CHECK_CONDITION
+            task.sense = SenseData(
+                SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
+            ).fixed()
+        else:
+            log.error("internal error writing at %d on %s: %r", offset, self.identity, error)
+            task.status = Status.CHECK_CONDITION
+            task.sense = SenseData(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE).fixed()
+        sg.release()
+        tx.finish(task)
 
     async def execute(self, task: Task, channel: DataChannel) -> None:
         """Run ``task``; sets status, sense and transfer_length. Never raises."""

@@ -17,7 +17,7 @@ from sgtarget.scsi.lu import (
 )
 from sgtarget.scsi.lun import decode_lun
 from sgtarget.scsi.sense import CheckCondition, SenseData
-from sgtarget.scsi.task import DataChannel, ImmediateChannel, Nexus, Task
+from sgtarget.scsi.task import NOW_DECLINED, DataChannel, ImmediateChannel, Nexus, Task
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ class ScsiTarget:
     def logical_units(self) -> Iterable[LogicalUnit]:
         return self.luns.values()
 
-    def execute_now(self, task: Task, tx: ImmediateChannel) -> bool:
-        """``LogicalUnit.execute_now`` for ``task``'s LU; False (nothing done) otherwise."""
+    def execute_now(self, task: Task, tx: ImmediateChannel) -> int:
+        """``LogicalUnit.execute_now`` for ``task``'s LU; ``NOW_DECLINED`` for no LU."""
         lu = self._by_field.get(task.lun)
         if lu is None:
             lun = decode_lun(task.lun)
             found = self.luns.get(lun) if lun is not None else None
             if found is None:
-                return False
+                return NOW_DECLINED
             lu = self._by_field[task.lun] = found
         return lu.execute_now(task, tx)
 

@@ -129,6 +129,13 @@ class DataChannel(Protocol):
         ...
 
 
+#: What ``LogicalUnit.execute_now`` did: nothing (run ``execute``), all of the command, or
+#: started it (its WRITE completes later and calls ``ImmediateChannel.finish``).
+NOW_DECLINED = 0
+NOW_DONE = 1
+NOW_PENDING = 2
+
+
 class ImmediateChannel(Protocol):
     """The synchronous side of a transport, for commands that finish without yielding
     (``LogicalUnit.execute_now``): nothing here waits, so each call either does its work at
@@ -146,6 +153,15 @@ class ImmediateChannel(Protocol):
     def send_now(self, task: Task, sg: ScatterList, length: int) -> None:
         """Send ``sg[0:length]``, all of ``task``'s Data-In (ownership passes), the status
         folded in at completion."""
+        ...
+
+    def take_data(self, task: Task) -> ScatterList:
+        """``data_now``'s list, now the caller's: the transport forgets it (so a lost
+        connection cannot free it under a write still in flight)."""
+        ...
+
+    def finish(self, task: Task) -> None:
+        """A ``NOW_PENDING`` command is done: send its status."""
         ...
 
 

@@ -35,7 +35,7 @@ from sgtarget.iscsi.session import Command, Session
 from sgtarget.scsi.constants import Asc, SenseKey, Status
 from sgtarget.scsi.sense import SenseData
 from sgtarget.scsi.target import ScsiTarget
-from sgtarget.scsi.task import Task
+from sgtarget.scsi.task import NOW_DONE, NOW_PENDING, Task
 from sgtarget.server.memory import UNSOLICITED_WAIT
 from sgtarget.server.sender import ZeroCopyWriter
 
@@ -124,7 +124,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._writer: ZeroCopyWriter | None = None
         #: Per command: the future its data (or memory) wait is parked on; abort cancels it.
         self.rx_waiters: dict[int, asyncio.Future[Any]] = {}
-        self.running: dict[int, asyncio.Task[None]] = {}
+        #: Commands under way: their task, or a future ``finish`` resolves (``NOW_PENDING``).
+        self.running: dict[int, asyncio.Future[None]] = {}
         self.write_paused: asyncio.Future[None] | None = None
         self.peer = "?"
         self._timer: asyncio.TimerHandle | None = None
@@ -275,10 +276,16 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if session is not self._scsi_of[0]:
             self._scsi_of = (session, self.server.scsi_target_for(session))
         scsi = self._scsi_of[1]
-        if scsi is not None and scsi.execute_now(cmd, self):
-            # Done without yielding: no task, no coroutine (issue 7's immediate path).
-            self.conn.complete(cmd)
-            return
+        if scsi is not None:
+            # Issue 7's immediate path: no task, no coroutine.
+            now = scsi.execute_now(cmd, self)
+            if now == NOW_DONE:
+                self.conn.complete(cmd)
+                return
+            if now == NOW_PENDING:
+                # Aborts and shutdown wait for it like for a task; ``finish`` ends it.
+                self.running[cmd.itt] = self.loop.create_future()
+                return
         task = self.loop.create_task(self._run_command(cmd, scsi))
         self.running[cmd.itt] = task
         self._track(task)
@@ -334,6 +341,17 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     def send_now(self, task: Task, sg: ScatterList, length: int) -> None:
         self.conn.send_data_in(cast(Command, task), sg, 0, length, last=True)
+
+    def take_data(self, task: Task) -> ScatterList:
+        return self.conn.take_data(cast(Command, task))
+
+    def finish(self, task: Task) -> None:
+        cmd = cast(Command, task)
+        done = self.running.pop(cmd.itt, None)
+        if done is not None and not done.done():
+            done.set_result(None)
+        self.conn.complete(cmd)
+        self.flush_soon()
 
     # ---- output ----
 

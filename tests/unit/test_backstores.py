@@ -994,3 +994,76 @@ def test_file_reads_the_page_cache_has_skip_the_runner(
         assert calls == ["writev", "readv"]
     finally:
         bs.close()
+
+
+# --- RunnerIO.writev_soon: batched writes -----------------------------------------------------
+
+
+class _CountingRunner:
+    """A runner that runs calls in a thread (like the server's) and counts them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, fn: Callable[..., Any], /, *args: Any) -> Any:
+        self.calls += 1
+        return await asyncio.to_thread(fn, *args)
+
+
+def test_writev_soon_batches_one_loop_turn_into_one_runner_call(fb: FileBackstore) -> None:
+    runner = _CountingRunner()
+    io = fb.io(runner)
+    results: list[tuple[int, BaseException | None]] = []
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+        for i in range(8):
+            data = memoryview(pattern(4096, seed=i + 1))
+
+            def finished(error: BaseException | None, i: int = i) -> None:
+                results.append((i, error))
+                if len(results) == 8:
+                    done.set_result(None)
+
+            assert io.writev_soon(i * 4096, [data], finished)
+        await done
+
+    asyncio.run(main())
+    # Eight writes queued in one turn: one thread hand-off, each completed in order.
+    assert runner.calls == 1
+    assert results == [(i, None) for i in range(8)]
+    for i in range(8):
+        out = bytearray(4096)
+        fb.readv(i * 4096, [memoryview(out)])
+        assert bytes(out) == pattern(4096, seed=i + 1)
+
+
+def test_writev_soon_reports_each_write_error_without_a_traceback(fb: FileBackstore) -> None:
+    io = fb.io(_CountingRunner())
+    errors: list[BaseException | None] = []
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def finished(error: BaseException | None) -> None:
+            errors.append(error)
+            if len(errors) == 2:
+                done.set_result(None)
+
+        # The second write runs past the end of the file: only it fails.
+        assert io.writev_soon(0, [memoryview(bytes(512))], finished)
+        assert io.writev_soon(fb.size, [memoryview(bytes(512))], finished)
+        await done
+
+    asyncio.run(main())
+    assert errors[0] is None
+    assert isinstance(errors[1], BackstoreError)
+    # Its frames held the pool views: the error must not keep them alive.
+    assert errors[1].__traceback__ is None
+
+
+def test_writev_soon_is_not_offered_where_writev_now_applies() -> None:
+    # RAM and null write inline (writev_now); they never queue behind a thread.
+    io = RamBackstore(MiB).io(run_inline)
+    assert io.writev_now(0, [memoryview(b"x" * 512)]) == 512
+    assert not io.writev_soon(0, [memoryview(b"x" * 512)], lambda _e: None)

@@ -135,6 +135,9 @@ _NO_IMMEDIATE: _ImmediateData = (None, 0)
 
 # Enum members the per-PDU paths compare with, bound once (a member lookup costs a call).
 _SCSI_COMMAND = Opcode.SCSI_COMMAND
+_CLOSED = ConnState.CLOSED
+_GOOD = Status.GOOD
+_TASK_SET_FULL = Status.TASK_SET_FULL
 _DATA_OUT = Opcode.DATA_OUT
 _DIRECTIONS = tuple(DataDirection(i) for i in range(4))
 
@@ -254,7 +257,7 @@ class Connection:
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last buffer ``get_buffer`` returned."""
-        if self.state is ConnState.CLOSED or nbytes <= 0:
+        if self.state is _CLOSED or nbytes <= 0:
             return
         try:
             self._advance(nbytes)
@@ -1191,22 +1194,24 @@ class Connection:
     def complete(self, cmd: Command) -> None:
         """The SCSI layer is done with ``cmd``: send its status (unless it was aborted)."""
         session = self.session
-        if session is None or session.commands.get(cmd.itt) is not cmd:
+        itt = cmd.tag
+        if session is None or session.commands.get(itt) is not cmd:
             self._cleanup_command(cmd)
             return
-        del session.commands[cmd.itt]
+        del session.commands[itt]
         if not cmd.immediate:
             session.in_flight -= 1
-        if not cmd.aborted and self.state is not ConnState.CLOSED:
+        if not cmd.aborted and self.state is not _CLOSED:
             self._send_status(session, cmd)
         self._cleanup_command(cmd)
         session.return_slot(cmd)
 
     def _send_status(self, session: Session, cmd: Command) -> None:
-        if cmd.status == Status.TASK_SET_FULL:
+        status = cmd.status
+        if status == _TASK_SET_FULL:
             self.pool.stats.task_set_full += 1
         if cmd.data_error is not None:
-            cmd.status = Status.CHECK_CONDITION
+            status = cmd.status = Status.CHECK_CONDITION
             cmd.sense = cmd.data_error
         edtl = cmd.expected_length
         spdtl = cmd.transfer_length
@@ -1218,7 +1223,7 @@ class Connection:
         elif spdtl < edtl:
             flags = pdu.F_UNDERFLOW
             residual = edtl - spdtl
-        good = cmd.status == Status.GOOD and not cmd.sense
+        good = status == _GOOD and not cmd.sense
         if cmd.held_sg is not None and cmd.held_views is not None:
             # The last Data-In: with the status folded in when it is GOOD (RFC 7143 §11.7.4).
             views = cmd.held_views

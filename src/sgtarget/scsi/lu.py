@@ -602,11 +602,12 @@ class LogicalUnit:
     ) -> bool:
         """One immediate backstore call on ``sg[0:n]``; False if it could not be done now.
 
-        A backstore error is False too: the full path runs the I/O again and reports it.
+        Any error is False too (the caller then frees what it took): the full path runs the
+        I/O again and reports it, as a medium error or an internal failure.
         """
         try:
             done = call(offset, sg.views(0, n))
-        except BackstoreError:
+        except Exception:
             return False
         if done is None:
             return False

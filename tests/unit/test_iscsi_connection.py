@@ -873,3 +873,42 @@ def test_a_malformed_ahs_is_rejected_and_the_connection_goes_on(ahs: bytes) -> N
     assert peer.ready_commands() == []
     peer.send(peer.frame(*nop_out(0x53)))
     assert [p.opcode for p in peer.received()] == [pdu.Opcode.NOP_IN]
+
+
+def _read_cmd(itt: int, cmdsn: int) -> bytes:
+    cdb = bytes.fromhex("28000000000000000800").ljust(16, b"\0")
+    return make_bhs(0x01, b1=0xC1, itt=itt, words=(4096, cmdsn, 0, *struct.unpack(">4I", cdb)))
+
+
+def test_headers_ahead_counts_only_whole_data_less_pdus() -> None:
+    peer = logged_in()
+    conn = peer.conn
+    a, b = _read_cmd(1, 1), _read_cmd(2, 2)
+    write = make_bhs(0x01, b1=0xA1, dsl=512, itt=3, words=(512, 3))
+    # Two READs, then a WRITE with immediate data: only the READs may be read in one go.
+    assert conn.headers_ahead(a + b + write + bytes(512)) == 96
+    # A header cut short is left to the ordinary reads.
+    assert conn.headers_ahead(a + b[:20]) == 48
+    # An AHS (a 32-byte CDB) counts as data to come too.
+    assert conn.headers_ahead(make_bhs(0x01, ahs_words=5, itt=4)) == 0
+    assert conn.headers_ahead(b"") == 0
+    # Mid-PDU (a header half read) nothing is ahead: the bytes belong to the current PDU.
+    half = conn.get_buffer()
+    half[:10] = a[:10]
+    conn.buffer_updated(10)
+    assert conn.headers_ahead(a) == 0
+
+
+def test_headers_ahead_steps_over_header_digests() -> None:
+    peer = logged_in([("HeaderDigest", "CRC32C")])
+    assert peer.header_digest
+    framed = peer.frame(_read_cmd(1, 1)) + peer.frame(_read_cmd(2, 2))
+    assert peer.conn.headers_ahead(framed) == 2 * 52
+    # What it counts is exactly what receive_data then takes as two whole commands.
+    peer.send(framed)
+    assert [ev.command.itt for ev in peer.ready_commands()] == [1, 2]
+
+
+def test_headers_ahead_is_zero_before_the_login_completes() -> None:
+    peer = Peer()
+    assert peer.conn.headers_ahead(_read_cmd(1, 1)) == 0

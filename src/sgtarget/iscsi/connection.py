@@ -136,6 +136,7 @@ _NO_IMMEDIATE: _ImmediateData = (None, 0)
 # Enum members the per-PDU paths compare with, bound once (a member lookup costs a call).
 _SCSI_COMMAND = Opcode.SCSI_COMMAND
 _CLOSED = ConnState.CLOSED
+_FULL_FEATURE = ConnState.FULL_FEATURE
 _GOOD = Status.GOOD
 _TASK_SET_FULL = Status.TASK_SET_FULL
 _DATA_OUT = Opcode.DATA_OUT
@@ -254,6 +255,26 @@ class Connection:
             view = self._dest[self._dest_idx]
             return view[self._dest_pos :]
         return memoryview(self._trailer)[self._trailer_have : self._trailer_need]
+
+    def headers_ahead(self, buf: BytesLike) -> int:
+        """How many leading bytes of ``buf`` (bytes still to come) are whole PDUs without an
+        AHS or a data segment, which ``receive_data`` can take in one go; 0 unless this
+        connection is in full feature phase and between PDUs.
+
+        The adapter peeks at its socket and reads that many at once: every READ command is
+        such a PDU, and they arrive in bursts (issue 7). Nothing else is read that way, so
+        data segments still land in pool blocks directly.
+        """
+        if self.state is not _FULL_FEATURE or self._phase != _RxPhase.BHS or self._hhave:
+            return 0
+        if self._rx_blocked is not None or self._backlog:
+            return 0
+        step = pdu.BHS_LEN + (pdu.DIGEST_LEN if self._header_digest else 0)
+        view = memoryview(buf)
+        pos = 0
+        while pos + step <= len(view) and not any(view[pos + 4 : pos + 8]):
+            pos += step
+        return pos
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last buffer ``get_buffer`` returned."""

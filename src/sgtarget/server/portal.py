@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The most queued headers ``_read_headers_ahead`` takes at once.
+_PEEK_PDUS = 32
+
 
 class IscsiChannel:
     """``DataChannel`` of one command over an iSCSI connection."""
@@ -131,6 +134,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._flush_queued = False
+        self._read_paused = False
+        #: Where ``_read_headers_ahead`` peeks: room for a burst of headers with digests.
+        self._peek = memoryview(bytearray(_PEEK_PDUS * (pdu.BHS_LEN + pdu.DIGEST_LEN)))
         #: The session and its SCSI target, looked up once per session.
         self._scsi_of: tuple[Session | None, ScsiTarget | None] = (None, None)
 
@@ -168,7 +174,32 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         conn = self.conn
         conn.note_activity(self.loop.time())
         conn.buffer_updated(nbytes)
+        if self._writer is not None and not self._read_paused:
+            self._read_headers_ahead(self._writer.sock)
         self._pump()
+
+    def _read_headers_ahead(self, sock: socket.socket) -> None:
+        """Read the data-less PDUs (READ commands) queued behind this one in two system calls.
+
+        The event loop reads exactly what ``get_buffer`` asks for, one header per read, so
+        a burst of 32 READs would cost 32 reads and 32 callbacks. A peek shows what is
+        queued; ``Connection.headers_ahead`` says how much of it is whole headers with no
+        data segment, and only that much is read (copied like any header). A data segment
+        is never read this way: it still lands in pool blocks without a copy.
+        """
+        peek = self._peek
+        try:
+            n = sock.recv_into(peek, len(peek), socket.MSG_PEEK)
+        except OSError:
+            return  # nothing queued (EAGAIN), or an error the transport reports itself
+        take = self.conn.headers_ahead(peek[:n])
+        if not take:
+            return
+        try:
+            n = sock.recv_into(peek, take)
+        except OSError:
+            return
+        self.conn.receive_data(bytes(peek[:n]))
 
     def eof_received(self) -> bool | None:
         return False
@@ -254,6 +285,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if transport is None:
             return
         transport.pause_reading()
+        self._read_paused = True
         try:
             await self.server.memory.wait(blocks, timeout=UNSOLICITED_WAIT)
             give_up = False
@@ -263,6 +295,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return
         self.conn.retry_rx(give_up=give_up)
         if not self.conn.reading_blocked:
+            self._read_paused = False
             transport.resume_reading()
         self._pump()
 

@@ -53,6 +53,11 @@ class ZeroCopyWriter:
         self.closed = False
 
     @property
+    def sock(self) -> socket.socket:
+        """The connection's socket (a duplicate of the transport's descriptor)."""
+        return self._sock
+
+    @property
     def pending(self) -> int:
         return self._queued
 

@@ -912,3 +912,13 @@ def test_headers_ahead_steps_over_header_digests() -> None:
 def test_headers_ahead_is_zero_before_the_login_completes() -> None:
     peer = Peer()
     assert peer.conn.headers_ahead(_read_cmd(1, 1)) == 0
+
+
+def test_headers_only_says_whether_the_last_pdu_had_a_data_segment() -> None:
+    # The portal peeks for queued headers only after a data-less PDU: after a WRITE's data
+    # the next PDU is probably another WRITE, and a peek would be a wasted system call.
+    peer = logged_in()
+    peer.scsi_command(bytes.fromhex("28000000000000000800"), edtl=4096, read=True)
+    assert peer.conn.headers_only
+    peer.scsi_command(bytes.fromhex("2a000000000000000100"), edtl=512, write=True, data=bytes(512))
+    assert not peer.conn.headers_only

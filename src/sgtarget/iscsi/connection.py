@@ -236,6 +236,9 @@ class Connection:
         self._rx_landed = 0
         #: Interned 8-byte LUN fields, so commands share one object per LUN.
         self._luns: dict[bytes, bytes] = {}
+        #: The last PDU had no data segment: more like it are probably queued (a burst of
+        #: READs), worth ``headers_ahead``; after a WRITE's data they are probably not.
+        self.headers_only = False
         # Target-initiated NOP-In pings.
         self._nop_interval = nop_interval
         self._nop_timeout = nop_timeout
@@ -449,6 +452,7 @@ class Connection:
             self._hneed = pdu.BHS_LEN
             self._hhave = 0
             self._hdr = None
+            self.headers_only = True
             self._dispatch(hdr, None)
             return
         self._route_data(hdr)
@@ -517,6 +521,7 @@ class Connection:
     def _pdu_complete(self) -> None:
         hdr = self._hdr
         assert hdr is not None
+        self.headers_only = False
         discard, reason = self._discard, self._discard_reason
         cmd = self._dest_cmd
         self._reset_rx()

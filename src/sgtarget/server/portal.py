@@ -174,7 +174,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         conn = self.conn
         conn.note_activity(self.loop.time())
         conn.buffer_updated(nbytes)
-        if self._writer is not None and not self._read_paused:
+        if conn.headers_only and self._writer is not None and not self._read_paused:
             self._read_headers_ahead(self._writer.sock)
         self._pump()
 

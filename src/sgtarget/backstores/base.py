@@ -176,7 +176,7 @@ async def run_inline(fn: Callable[..., T], /, *args: Any) -> T:
 class RunnerIO:
     """``BackstoreIO`` for a synchronous backstore: each call through a ``Runner``."""
 
-    __slots__ = ("_batch", "_bs", "_inline", "_jobs", "_run")
+    __slots__ = ("_batch", "_bs", "_inline", "_jobs", "_queued", "_run", "_running")
 
     def __init__(self, backstore: Backstore, runner: Runner) -> None:
         self._bs = backstore
@@ -184,21 +184,32 @@ class RunnerIO:
         self._inline = runner is run_inline
         #: ``writev_soon`` calls of this loop turn, and the runs of earlier turns' batches.
         self._batch: list[tuple[int, Buffers, WriteDone]] = []
+        self._queued = False
+        self._running = 0
         self._jobs: set[asyncio.Task[None]] = set()
 
     def writev_soon(self, offset: int, bufs: Buffers, done: WriteDone) -> bool:
-        """Writes queued in one loop turn go to the runner as one call: one thread hand-off
-        per batch instead of two per command (tgt's cost, and the slow path's)."""
+        """Writes go to the runner in batches: one thread hand-off per batch instead of two
+        per command (tgt's cost, and the slow path's).
+
+        A batch leaves at the end of the loop turn while fewer than ``_BATCH_JOBS`` are
+        running; otherwise writes gather until one finishes (group commit), so the busier the
+        LU the larger its batches, and GIL hand-offs stay few however the loop reads.
+        """
         if self._inline:
             return False  # ``writev_now`` does these
-        batch = self._batch
-        batch.append((offset, bufs, done))
-        if len(batch) == 1:
+        self._batch.append((offset, bufs, done))
+        if not self._queued and self._running < _BATCH_JOBS:
+            self._queued = True
             asyncio.get_running_loop().call_soon(self._submit)
         return True
 
     def _submit(self) -> None:
+        self._queued = False
+        if not self._batch:
+            return
         batch, self._batch = self._batch, []
+        self._running += 1
         job = asyncio.get_running_loop().create_task(self._write_batch(batch))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
@@ -208,8 +219,12 @@ class RunnerIO:
             errors = await self._run(_write_each, self._bs, batch)
         except BaseException as exc:  # the runner itself failed (shut down): all of them
             errors = [exc.with_traceback(None)] * len(batch)
+        finally:
+            self._running -= 1
         for (_offset, _bufs, done), error in zip(batch, errors, strict=True):
             done(error)
+        if self._batch and not self._queued:
+            self._submit()  # what gathered while this batch ran
 
     def readv_now(self, offset: int, bufs: Buffers) -> int | None:
         return self._bs.readv(offset, bufs) if self._inline else None
@@ -234,6 +249,10 @@ class RunnerIO:
 
     async def mapped_extents(self, offset: int, length: int) -> Extents:
         return await self._run(self._bs.mapped_extents, offset, length)
+
+
+#: Batches of one LU's writes in the runner at once (see ``RunnerIO.writev_soon``).
+_BATCH_JOBS = 2
 
 
 def _write_each(

@@ -320,6 +320,11 @@ class Connection:
         return False
 
     @property
+    def receiving_data(self) -> bool:
+        """In the middle of a PDU's data segment (or its padding and digest)."""
+        return self._phase >= _RxPhase.DATA  # DATA or TRAILER
+
+    @property
     def reading_blocked(self) -> bool:
         """True while the adapter must not read: immediate data waits for pool memory."""
         return self._rx_blocked is not None

@@ -506,23 +506,6 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICK
 
 
-@dataclass
-class Run:
-    config: str
-    op: str
-    size: int
-    moved: int = 0
-    seconds: float = 0.0
-    cpu: float = 0.0
-    copied: int = 0
-    error: str = ""
-    rounds: list[float] = field(default_factory=list)
-
-    @property
-    def mib_s(self) -> float:
-        return self.moved / MiB / self.seconds if self.seconds else 0.0
-
-
 def prefill(path: Path, length: int) -> None:
     """Write the range the runs touch once, so no run pays for the file system allocating
     blocks (the first run on a sparse file would) and every run overwrites cached pages."""

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgtarget.backstores.base import Backstore, Buffers
+from sgtarget.backstores.base import Backstore, BackstoreBusy, BackstoreError, Buffers
 from sgtarget.backstores.file import FileBackstore
 from sgtarget.backstores.null import NullBackstore
 from sgtarget.backstores.ram import RamBackstore
@@ -627,3 +627,64 @@ def test_file_write_pending_until_the_thread_wrote_it(tmp_path: Path, pool: Pool
             assert bytes(out) == PAYLOAD[i * BS : (i + 4) * BS]
     finally:
         fb.close()
+
+
+class FailingFile(FileBackstore):
+    """A file whose writes fail with ``error`` (set per test)."""
+
+    error: BackstoreError = BackstoreError("injected write failure")
+
+    def writev(self, offset: int, bufs: Buffers) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "key_asc_ascq"),
+    [
+        (BackstoreError("injected"), Status.CHECK_CONDITION, (0x3, 0x0C, 0x00)),
+        (BackstoreBusy("handler restarting"), Status.BUSY, None),
+    ],
+    ids=["medium-error", "busy"],
+)
+def test_pending_write_failure_answers_as_execute(
+    tmp_path: Path,
+    pool: Pool,
+    error: BackstoreError,
+    status: Status,
+    key_asc_ascq: tuple[int, int, int] | None,
+) -> None:
+    fb = FailingFile(tmp_path / "lun.img", NBLOCKS * BS)
+    fb.error = error
+
+    async def in_thread(fn: Any, /, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def main() -> Task:
+        lu = LogicalUnit(fb, runner=in_thread, identity="t/0")
+        tgt = ScsiTarget("t", [lu])
+        lu._nexus(NEXUS.key).pending.clear()
+        in_use = pool.stats.blocks_in_use
+        tx = PendingTx(pool, PAYLOAD[: 4 * BS])
+        task = rw_task(rw(WRITE10, 6, 4), 4 * BS)
+        assert tgt.execute_now(task, tx) == NOW_PENDING
+        for _ in range(100):
+            if tx.finished:
+                break
+            await asyncio.sleep(0.01)
+        assert tx.finished == [task]
+        assert lu.ranges.held == []
+        assert pool.stats.blocks_in_use == in_use
+        return task
+
+    try:
+        task = asyncio.run(main())
+    finally:
+        fb.close()
+    assert task.status == status
+    if key_asc_ascq is None:
+        assert task.sense == b""
+    else:
+        assert sense(task) == key_asc_ascq
+        # Fixed-format INFORMATION: the first LBA of the write, as the full path reports it.
+        assert task.sense[0] & 0x80
+        assert int.from_bytes(task.sense[3:7], "big") == 6

@@ -569,8 +569,8 @@ class LogicalUnit:
             if sg is None:
                 ranges.release(held)
                 return NOW_DECLINED
-            if not self._now(io.writev_now, sg, offset, nbytes):
-                views = sg.views(0, nbytes)
+            views = sg.views(0, nbytes)
+            if not self._now(io.writev_now, offset, views, sg):
                 done = functools.partial(self._written, task, tx, sg, held)
                 if not io.writev_soon(offset, views, done):
                     ranges.release(held)
@@ -580,7 +580,7 @@ class LogicalUnit:
                 return NOW_PENDING
         else:
             sg = tx.alloc_now(nbytes)
-            if sg is None or not self._now(io.readv_now, sg, offset, nbytes):
+            if sg is None or not self._now(io.readv_now, offset, sg.views(0, nbytes), sg):
                 ranges.release(held)
                 if sg is not None:
                     sg.release()
@@ -596,17 +596,18 @@ class LogicalUnit:
     @staticmethod
     def _now(
         call: Callable[[int, Sequence[memoryview]], int | None],
-        sg: ScatterList,
         offset: int,
-        n: int,
+        views: list[memoryview],
+        sg: ScatterList,
     ) -> bool:
-        """One immediate backstore call on ``sg[0:n]``; False if it could not be done now.
+        """One immediate backstore call on ``views`` (of ``sg``); False if it could not be
+        done now.
 
         Any error is False too (the caller then frees what it took): the full path runs the
         I/O again and reports it, as a medium error or an internal failure.
         """
         try:
-            done = call(offset, sg.views(0, n))
+            done = call(offset, views)
         except Exception:
             return False
         if done is None:
@@ -624,25 +625,14 @@ class LogicalUnit:
     ) -> None:
         """A ``NOW_PENDING`` WRITE is done: its status as ``execute`` would have set it."""
         self.ranges.release(held)
-        offset = held[0]
         if error is None:
             sg.stats.zero_copy_ios += 1
             task.status = _GOOD
             task.sense = b""
-        elif isinstance(error, BackstoreBusy):
-            log.info("BUSY for CDB %s on %s: %s", task.cdb.hex(), self.identity, str(error))
-            task.status = Status.BUSY
-            task.sense = b""
-        elif isinstance(error, BackstoreError):
-            log.warning("write at %d failed on %s: %s", offset, self.identity, str(error))
-            task.status = Status.CHECK_CONDITION
-            task.sense = SenseData(
-                SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
-            ).fixed()
         else:
-            log.error("internal error writing at %d on %s: %r", offset, self.identity, error)
-            task.status = Status.CHECK_CONDITION
-            task.sense = SenseData(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE).fixed()
+            if isinstance(error, BackstoreError) and not isinstance(error, BackstoreBusy):
+                error = self._write_failed(held[0], held[1] - held[0], str(error))
+            self._end_with(task, error)
         sg.release()
         tx.finish(task)
 
@@ -680,26 +670,33 @@ class LogicalUnit:
                 return
             self._check_medium(spec)
             await spec.handler(self, Cmd(task, channel, spec, key))
-        except Conflict:
+        except Exception as exc:
+            self._end_with(task, exc)
+
+    def _end_with(self, task: Task, exc: BaseException) -> None:
+        """The status and sense a command that failed with ``exc`` ends with: how ``execute``
+        and a ``NOW_PENDING`` write (``_written``) both answer."""
+        if isinstance(exc, Conflict):
             task.status = Status.RESERVATION_CONFLICT
             task.sense = b""
-        except CheckCondition as cc:
+        elif isinstance(exc, CheckCondition):
             task.status = Status.CHECK_CONDITION
-            task.sense = cc.sense.fixed()
-        except PoolExhausted:
+            task.sense = exc.sense.fixed()
+        elif isinstance(exc, PoolExhausted):
             task.status = Status.TASK_SET_FULL
             task.sense = b""
-        except BackstoreBusy as exc:
+        elif isinstance(exc, BackstoreBusy):
             log.info("BUSY for CDB %s on %s: %s", task.cdb.hex(), self.identity, str(exc))
             task.status = Status.BUSY
             task.sense = b""
-        except Exception:
-            log.exception(
+        else:
+            log.error(
                 "internal error executing CDB %s (lun %s, tag %#x, nexus %s)",
                 task.cdb.hex(),
                 self.identity,
                 task.tag,
-                key,
+                task.nexus.key if task.nexus is not None else DEFAULT_NEXUS_KEY,
+                exc_info=exc,
             )
             task.status = Status.CHECK_CONDITION
             task.sense = SenseData(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE).fixed()
@@ -940,18 +937,20 @@ class LogicalUnit:
         except BackstoreBusy:
             raise
         except BackstoreError as exc:
-            log.warning(
-                "write of %d bytes at %d failed on %s: %s", n, offset, self.identity, str(exc)
-            )
-            error = True
+            why: str | None = str(exc)
         else:
-            error = False
-        if error:
-            raise CheckCondition.of(
-                SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
-            )
+            why = None
+        if why is not None:
+            raise self._write_failed(offset, n, why)
         if tuples is not None:
             await self._pi_io("write", lba, [memoryview(tuples)])
+
+    def _write_failed(self, offset: int, n: int, why: str) -> CheckCondition:
+        """MEDIUM ERROR / WRITE ERROR for a failed write of ``n`` bytes at ``offset`` (logged)."""
+        log.warning("write of %d bytes at %d failed on %s: %s", n, offset, self.identity, why)
+        return CheckCondition.of(
+            SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, information=offset // self.block_size
+        )
 
     def _takes(self, views: list[memoryview], offset: int) -> bool:
         """Whether the backstore takes ``views`` as they are (no alignment to keep in order

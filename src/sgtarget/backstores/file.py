@@ -405,7 +405,7 @@ class _CachedReadIO(RunnerIO):
         return self._file.read_nowait(offset, bufs)
 
     async def readv(self, offset: int, bufs: Buffers) -> int:
-        n = self._file.read_nowait(offset, bufs)
+        n = self.readv_now(offset, bufs)
         if n is not None:
             return n
         return await super().readv(offset, bufs)

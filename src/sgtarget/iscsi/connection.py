@@ -668,11 +668,8 @@ class Connection:
         cmdsn = hdr.cmdsn
         if cmdsn == session.exp_cmdsn and not self._deferred and session.has_room():
             # In order, the common case: straight through.
-            session.exp_cmdsn = (cmdsn + 1) & 0xFFFFFFFF
-            if hdr.opcode == _SCSI_COMMAND:
-                self._on_scsi_command(hdr, payload if isinstance(payload, tuple) else _NO_IMMEDIATE)
-            else:
-                self._deliver(hdr, payload)
+            self._accept_cmdsn(session)
+            self._deliver(hdr, payload)
             return
         if not session.in_window(cmdsn):
             # RFC 7143 §3.2.2.1: silently ignored.
